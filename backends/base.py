@@ -1,0 +1,162 @@
+"""The contract every simulator backend keeps, and the typed errors it raises.
+
+A backend is one simulator instance driven by one client session. The server
+runs each backend in its own process, so a backend may block, hold GL contexts
+and use gigabytes; it never sees sockets or msgpack, only Python values and
+numpy arrays.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+Observation = Dict[str, np.ndarray]
+StepResult = Tuple[Observation, float, bool, bool, Dict[str, Any]]
+
+
+class SimulatorError(Exception):
+    """Base of the errors that become a typed error reply; `error_type` names it on the wire."""
+
+    error_type = "internal_error"
+
+
+class InvalidParams(SimulatorError):
+    """A request field is missing, ill-typed or out of range (e.g. a wrong action shape)."""
+
+    error_type = "invalid_params"
+
+
+class TaskNotFound(SimulatorError):
+    """load_task named a task this backend does not have."""
+
+    error_type = "task_not_found"
+
+
+class NoTaskLoaded(SimulatorError):
+    """reset or step came before a successful load_task."""
+
+    error_type = "no_task_loaded"
+
+
+class NotReset(SimulatorError):
+    """step came before reset, or after the episode terminated or was truncated."""
+
+    error_type = "not_reset"
+
+
+class BackendError(SimulatorError):
+    """The simulator itself failed; the session may need a new load_task."""
+
+    error_type = "backend_error"
+
+
+class UnknownMethod(SimulatorError):
+    """The request named a method the protocol does not have."""
+
+    error_type = "unknown_method"
+
+
+class ServerBusy(SimulatorError):
+    """The session limit is reached, or the session already has a request running."""
+
+    error_type = "server_busy"
+
+
+class SimulatorBackend(abc.ABC):
+    """One simulator for one session.
+
+    Lifecycle: construct (cheap, imports nothing heavy) -> load_task -> reset ->
+    step ... -> reset -> step ... -> close. The server enforces the order
+    (no_task_loaded, not_reset), so a backend may assume it. Any exception that
+    is not a SimulatorError is reported to the client as backend_error.
+
+    Observations are flat maps of name -> numpy array. Arrays handed to step()
+    are read-only views of the request; copy before writing into one.
+    """
+
+    #: Registry name, e.g. "libero"; set by each subclass.
+    name = "base"
+
+    @classmethod
+    def prepare_server(cls) -> None:
+        """Check, once in the server process before it binds, that this backend can run here.
+
+        May set process-wide environment that workers inherit (e.g. MUJOCO_GL).
+        Raises BackendError naming what to install when it cannot run.
+        """
+
+    @abc.abstractmethod
+    def list_tasks(self) -> List[str]:
+        """Names accepted by load_task, in a stable order.
+
+        Must be cheap and must not create a simulator: the server answers
+        list_tasks without starting a simulator process.
+        """
+
+    @abc.abstractmethod
+    def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+        """Build the simulator for `task_name` and return its task_info.
+
+        task_info has at least `action_spec`, `observation_spec` (maps of
+        name -> {"shape", "dtype"} plus "low"/"high" where bounded),
+        `max_episode_steps` and `description`. Raises TaskNotFound for an
+        unknown name, InvalidParams for a bad option.
+        """
+
+    @abc.abstractmethod
+    def reset(
+        self, seed: Optional[int] = None, init_state_index: Optional[int] = None
+    ) -> Tuple[Observation, Dict[str, Any]]:
+        """Start a new episode and return (observation, info).
+
+        Raises InvalidParams for an out-of-range init_state_index.
+        """
+
+    @abc.abstractmethod
+    def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        """Advance one control step: (observation, reward, terminated, truncated, info).
+
+        `terminated` means the task reached a terminal state (success or
+        failure), `truncated` that the episode hit max_episode_steps. Raises
+        InvalidParams for an action of the wrong keys, shape, dtype, or with
+        non-finite values.
+        """
+
+    @abc.abstractmethod
+    def get_info(self) -> Dict[str, Any]:
+        """Static facts: at least backend_name and backend_version."""
+
+    def close(self) -> None:
+        """Free the simulator. Safe to call twice and before load_task."""
+
+
+def array_spec(shape, dtype, low=None, high=None) -> Dict[str, Any]:
+    """The spec map a client checks arrays against."""
+    spec: Dict[str, Any] = {"shape": [int(n) for n in shape], "dtype": np.dtype(dtype).str}
+    if low is not None:
+        spec["low"] = np.broadcast_to(np.asarray(low, dtype=np.float64), spec["shape"]).tolist()
+    if high is not None:
+        spec["high"] = np.broadcast_to(np.asarray(high, dtype=np.float64), spec["shape"]).tolist()
+    return spec
+
+
+def observation_spec_of(observation: Observation) -> Dict[str, Any]:
+    return {key: array_spec(value.shape, value.dtype) for key, value in observation.items()}
+
+
+def require_action(action: Dict[str, np.ndarray], key: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """The named action as float64 of `shape`, or InvalidParams saying what is wrong."""
+    if key not in action:
+        raise InvalidParams(f"action must contain {key!r}; got keys {sorted(action)}")
+    value = np.asarray(action[key])
+    if value.dtype.kind not in "biuf":
+        raise InvalidParams(f"action {key!r} must be numeric, got dtype {value.dtype}")
+    if value.shape != shape:
+        raise InvalidParams(f"action {key!r} must have shape {list(shape)}, got {list(value.shape)}")
+    value = value.astype(np.float64)
+    if not np.all(np.isfinite(value)):
+        raise InvalidParams(f"action {key!r} contains NaN or Inf")
+    return value

