@@ -503,23 +503,28 @@ def test_retried_request_id_does_not_step_twice(raw):
 
 def test_sigterm_closes_every_simulator_and_exits_zero():
     server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
-    clients = [server.client() for _ in range(3)]
-    for client in clients:
-        client.request("load_task", task_name="reach_center")
-    pids = [client.request("get_info")["sim_pid"] for client in clients]
-    children = children_of(server.process.pid)  # the simulators and multiprocessing's resource tracker
-    assert set(pids) <= set(children)
-    assert server.stop() == 0
+    try:
+        clients = [server.client() for _ in range(3)]
+        for client in clients:
+            client.request("load_task", task_name="reach_center")
+        pids = [client.request("get_info")["sim_pid"] for client in clients]
+        children = children_of(server.process.pid)  # the simulators and multiprocessing's resource tracker
+        assert set(pids) <= set(children)
+    finally:
+        exit_code = server.stop()
+    assert exit_code == 0
     assert not any(pid_alive(pid) for pid in pids)
     assert wait_until(lambda: not any(pid_alive(pid) for pid in children))
 
 
 def test_server_sigkill_takes_its_simulators_with_it():
     server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
-    client = server.client()
-    client.request("load_task", task_name="reach_center")
-    pid = client.request("get_info")["sim_pid"]
-    server.process.kill()
+    try:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        pid = client.request("get_info")["sim_pid"]
+    finally:
+        server.process.kill()
     server.process.wait()
     assert wait_until(lambda: not pid_alive(pid))
 
@@ -616,3 +621,194 @@ def test_client_runs_on_python_38_syntax():
     imports |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
                 if isinstance(node, ast.ImportFrom) and node.module}
     assert imports - set(sys.stdlib_module_names) == {"msgpack", "numpy", "zmq"}
+
+
+# --- LIBERO: the real simulator, rendered on this machine --------------------
+
+LIBERO_SUITE = "libero_spatial"
+SMALL_CAMERA = {"camera_width": 64, "camera_height": 64}
+
+
+def libero_suite(name: str):
+    from libero.libero import benchmark
+
+    return benchmark.get_benchmark_dict()[name]()
+
+
+@pytest.fixture(scope="module")
+def libero_server():
+    env = {"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE}
+    with running_server("libero", "--max-sessions", "3", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def libero_session(libero_server):
+    """One small-camera session on the first spatial task, shared by the cheap tests."""
+    client = libero_server.client()
+    reply = client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0], **SMALL_CAMERA)
+    assert reply["status"] == "ok", reply
+    yield client, reply["task_info"]
+    client.request("disconnect")
+    client.close()
+
+
+def test_libero_lists_the_default_suite(libero_server):
+    client = libero_server.client()
+    assert client.request("list_tasks")["tasks"] == libero_suite(LIBERO_SUITE).get_task_names()
+    assert client.request("get_info")["sim_pid"] is None  # listing started no simulator
+    client.close()
+
+
+@pytest.mark.parametrize("suite_name, horizon", [("libero_spatial", 220), ("libero_object", 280),
+                                                 ("libero_goal", 300), ("libero_10", 520), ("libero_90", 400)])
+def test_libero_task_from_each_standard_suite_loads_and_steps(libero_server, suite_name, horizon):
+    task = libero_suite(suite_name).get_task(0)
+    client = libero_server.client()
+    try:
+        task_info = client.request("load_task", task_name=f"{suite_name}/{task.name}", **SMALL_CAMERA)["task_info"]
+        assert (task_info["suite"], task_info["language"]) == (suite_name, task.language)
+        assert task_info["max_episode_steps"] == horizon and task_info["num_init_states"] == 50
+        assert task_info["cameras"] == ["agentview", "robot0_eye_in_hand"] and task_info["control_freq"] == 20
+        assert task_info["action_spec"]["action"]["shape"] == [7]
+        assert task_info["observation_spec"]["agentview_image"] == {"shape": [64, 64, 3], "dtype": "|u1"}
+        observation = client.request("reset")["observation"]
+        assert observation["agentview_image"].shape == (64, 64, 3)
+        step = client.request("step", action=np.zeros(7))
+        assert step["status"] == "ok" and step["info"]["step"] == 1
+        assert set(step["observation"]) == set(task_info["observation_spec"])
+    finally:
+        client.request("disconnect")
+        client.close()
+
+
+def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, actions, size: int, seed: int = 7):
+    """LIBERO exactly as an in-process evaluation runs it: fresh env, seed, reset, init state, settle, steps."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from libero.libero import get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    suite = libero_suite(suite_name)
+    task = suite.get_task(task_index)
+    env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                                                         task.bddl_file), camera_heights=size, camera_widths=size)
+    try:
+        env.seed(seed)
+        env.reset()
+        observation = env.set_init_state(suite.get_task_init_states(task_index)[init_state_index])
+        for _ in range(10):
+            observation, _, _, _ = env.step([0.0] * 6 + [-1.0])
+        observations = [observation]
+        for action in actions:
+            observation, _, _, _ = env.step(action)
+            observations.append(observation)
+        return observations
+    finally:
+        env.close()
+
+
+def assert_same_observations(remote: list, local: list) -> None:
+    assert len(remote) == len(local)
+    for remote_obs, local_obs in zip(remote, local):
+        assert set(remote_obs) == set(local_obs)
+        for key in local_obs:
+            assert remote_obs[key].dtype == local_obs[key].dtype, key
+            assert np.array_equal(remote_obs[key], local_obs[key]), key
+
+
+def test_libero_remote_rollouts_are_bit_identical_to_in_process(libero_server):
+    """Covers a fresh load (hard reset) and a later episode on the kept model (fast reset)."""
+    actions = np.random.default_rng(0).uniform(-1, 1, (6, 7))
+    client = libero_server.client()
+    try:
+        task_name = libero_suite(LIBERO_SUITE).get_task_names()[1]
+        client.request("load_task", task_name=task_name, camera_width=96, camera_height=96)
+        remote = {}
+        for init_state_index in (0, 3):
+            observations = [client.request("reset", init_state_index=init_state_index)["observation"]]
+            observations += [client.request("step", action=a)["observation"] for a in actions]
+            remote[init_state_index] = observations
+    finally:
+        client.request("disconnect")
+        client.close()
+    for init_state_index, observations in remote.items():
+        assert_same_observations(observations, in_process_rollout(LIBERO_SUITE, 1, init_state_index, actions, 96))
+
+
+def test_libero_reset_walks_init_states_and_takes_an_index(libero_session):
+    client, task_info = libero_session
+    walked = [client.request("reset")["info"]["init_state_index"] for _ in range(2)]
+    assert walked == [0, 1]
+    assert client.request("reset", init_state_index=7)["info"]["init_state_index"] == 7
+    assert client.request("reset")["info"]["init_state_index"] == 8
+    assert_error(client.request("reset", init_state_index=task_info["num_init_states"]), "invalid_params")
+    assert_error(client.request("reset", init_state_index=-1), "invalid_params")
+
+
+def test_libero_init_states_give_different_scenes(libero_session):
+    client, _ = libero_session
+    first = client.request("reset", init_state_index=0)["observation"]
+    second = client.request("reset", init_state_index=1)["observation"]
+    again = client.request("reset", init_state_index=0)["observation"]
+    assert not np.array_equal(first["object-state"], second["object-state"])
+    assert_same_observations([again], [first])
+
+
+def test_libero_rejects_bad_actions(libero_session):
+    client, _ = libero_session
+    client.request("reset")
+    for bad in (np.zeros(6), np.array([np.nan] * 7), np.array([np.inf] * 7), np.zeros((2, 7)), ["x"] * 7):
+        assert_error(client.request("step", action=bad), "invalid_params")
+    assert client.request("step", action=np.zeros(7))["info"]["step"] == 1
+
+
+def test_libero_unknown_task_or_suite_names_close_matches(libero_server):
+    client = libero_server.client()
+    reply = client.request("load_task", task_name="libero_spatial/pick_up_the_black_bowl_on_the_plate")
+    assert_error(reply, "task_not_found")
+    assert "pick_up_the_black_bowl" in reply["message"]
+    reply = client.request("load_task", task_name="libero_spatail/anything")
+    assert_error(reply, "task_not_found")
+    assert "libero_spatial" in reply["message"]
+    client.request("disconnect")
+    client.close()
+
+
+def test_libero_truncates_at_max_episode_steps():
+    env = {"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE, "SIM_LIBERO_MAX_EPISODE_STEPS": "3"}
+    with running_server("libero", env=env) as server:
+        client = server.client()
+        task_info = client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
+                                   **SMALL_CAMERA)["task_info"]
+        assert task_info["max_episode_steps"] == 3
+        client.request("reset")
+        truncated = [client.request("step", action=np.zeros(7))["truncated"] for _ in range(3)]
+        assert truncated == [False, False, True]
+        assert_error(client.request("step", action=np.zeros(7)), "not_reset")
+
+
+def test_libero_success_predicate_terminates_the_episode(monkeypatch):
+    """Put the bowl on the plate in the simulator state: LIBERO's own check must end the episode."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    monkeypatch.setenv("SIM_LIBERO_TASK_SUITE", LIBERO_SUITE)
+    from backends.libero import LiberoBackend
+
+    backend = LiberoBackend()
+    try:
+        backend.load_task(backend.list_tasks()[0], **SMALL_CAMERA)  # the bowl onto the plate
+        backend.reset(init_state_index=0)
+        _, _, terminated, _, info = backend.step({"action": np.zeros(7)})
+        assert not terminated and not info["success"]
+        sim = backend.env.env.sim
+        plate = sim.data.body_xpos[sim.model.body_name2id("plate_1_main")].copy()
+        bowl_joint = backend.env.env.objects_dict["akita_black_bowl_1"].joints[-1]
+        sim.data.set_joint_qpos(bowl_joint, np.concatenate([plate + [0, 0, 0.03], [1, 0, 0, 0]]))
+        sim.data.set_joint_qvel(bowl_joint, np.zeros(6))
+        sim.forward()
+        for _ in range(20):
+            observation, reward, terminated, truncated, info = backend.step({"action": np.array([0.0] * 6 + [-1.0])})
+            if terminated:
+                break
+        assert terminated and info["success"] and reward > 0 and not truncated
+    finally:
+        backend.close()
