@@ -19,6 +19,7 @@ SIM_LIBERO_RENDER_WIDTH / _HEIGHT (camera size), SIM_LIBERO_MAX_EPISODE_STEPS
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -286,7 +287,10 @@ class LiberoBackend(SimulatorBackend):
             self.env.reset()
             self.model_seed = seed
         observation = self.env.set_init_state(self.init_states[index])
-        for _ in range(self.task["settle_steps"]):
+        if self.task["settle_steps"] > 0:
+            with cameras_blanked(robosuite_env):  # nobody sees these frames: skip rendering them
+                for _ in range(self.task["settle_steps"] - 1):
+                    self.env.step(SETTLE_ACTION)
             observation, _, _, _ = self.env.step(SETTLE_ACTION)
         self.steps = 0
         return observation
@@ -322,6 +326,30 @@ class LiberoBackend(SimulatorBackend):
         env, self.env, self.env_key = self.env, None, None
         if env is not None:
             env.close()
+
+
+@contextlib.contextmanager
+def cameras_blanked(robosuite_env):
+    """Camera observables return black frames instead of rendering; physics and sampling are untouched."""
+    cameras = [observable for name, observable in robosuite_env._observables.items() if name.endswith("_image")]
+    sensors = [observable._sensor for observable in cameras]
+    try:
+        for observable, sensor in zip(cameras, sensors):
+            observable._sensor = _blank_sensor(sensor, observable._data_shape)
+        yield
+    finally:
+        for observable, sensor in zip(cameras, sensors):
+            observable._sensor = sensor
+
+
+def _blank_sensor(sensor, shape):
+    blank = np.zeros(shape, dtype=np.uint8)
+
+    def blank_sensor(_obs_cache):
+        return blank
+
+    blank_sensor.__modality__ = sensor.__modality__  # robosuite's sensor decorator marks this
+    return blank_sensor
 
 
 def _bounded_int(options: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:
