@@ -682,8 +682,8 @@ def test_libero_task_from_each_standard_suite_loads_and_steps(libero_server, sui
         client.close()
 
 
-def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, actions, size: int, seed: int = 7):
-    """LIBERO exactly as an in-process evaluation runs it: fresh env, seed, reset, init state, settle, steps."""
+def in_process_env(suite_name: str, task_index: int, size: int):
+    """(OffScreenRenderEnv, task name, init states) as an in-process evaluation builds them."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     from libero.libero import get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
@@ -692,10 +692,16 @@ def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, 
     task = suite.get_task(task_index)
     env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
                                                          task.bddl_file), camera_heights=size, camera_widths=size)
+    return env, task.name, suite.get_task_init_states(task_index)
+
+
+def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, actions, size: int, seed: int = 7):
+    """LIBERO exactly as an in-process evaluation runs it: fresh env, seed, reset, init state, settle, steps."""
+    env, _, init_states = in_process_env(suite_name, task_index, size)
     try:
         env.seed(seed)
         env.reset()
-        observation = env.set_init_state(suite.get_task_init_states(task_index)[init_state_index])
+        observation = env.set_init_state(init_states[init_state_index])
         for _ in range(10):
             observation, _, _, _ = env.step([0.0] * 6 + [-1.0])
         observations = [observation]

@@ -1,8 +1,8 @@
 """A deterministic pure-numpy simulator for tests, demos and transport benchmarks.
 
-A point "gripper" moves in a 3-D box toward a per-task goal. Observations are a
-camera-like uint8 image (SIM_MOCK_IMAGE_SIZE square, RGB) and a small float32
-state vector. Each step burns SIM_MOCK_STEP_MS of real CPU time, so benchmarks
+A point "gripper" moves in a 3-D box toward a per-task goal. Observations are two
+camera-like uint8 images (SIM_MOCK_IMAGE_SIZE square, RGB, as LIBERO's two
+cameras) and a small float32 state vector. Each step burns SIM_MOCK_STEP_MS of real CPU time, so benchmarks
 see a simulator's cost; the episode ends after SIM_MOCK_EPISODE_STEPS steps.
 
 Fault injection for tests, as load_task options (Gymnasium's AsyncVectorEnv
@@ -81,6 +81,7 @@ class MockBackend(SimulatorBackend):
             "action_spec": {"action": array_spec((ACTION_DIM,), np.float64, -1.0, 1.0)},
             "observation_spec": {
                 "image": array_spec((self.image_size, self.image_size, 3), np.uint8),
+                "wrist_image": array_spec((self.image_size, self.image_size, 3), np.uint8),
                 "state": array_spec((4,), np.float32),
             },
             "action_space": array_spec((ACTION_DIM,), np.float64, -1.0, 1.0),
@@ -139,7 +140,7 @@ class MockBackend(SimulatorBackend):
         image[..., 1] = (ramp[:, None] + shade[1]) % 256
         image[..., 2] = (ramp[None, :] + ramp[:, None] + shade[2] + self.steps) % 256
         state = np.append(self.position, self.steps).astype(np.float32)
-        return {"image": image, "state": state}
+        return {"image": image, "wrist_image": image[::-1].copy(), "state": state}
 
     def get_info(self) -> Dict[str, Any]:
         return {"backend_name": self.name, "backend_version": VERSION}

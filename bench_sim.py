@@ -1,0 +1,226 @@
+"""Benchmarks: the server's overhead as ratios measured side by side in one run.
+
+    python bench_sim.py            # mock transport figures and LIBERO step/reset figures
+    python bench_sim.py --no-libero
+
+Every figure is a ratio of two things timed in the same run on the same
+machine, so a shared, noisy machine moves both sides together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+
+import sim_client
+import sim_server
+from test_sim import ServerProcess
+
+LIBERO_SIZE_OBSERVATION = {
+    "agentview_image": np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8),
+    "robot0_eye_in_hand_image": np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8),
+    "state": np.zeros(8, dtype=np.float32),
+}
+
+
+def median_time(function, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def row(name: str, measured: float, baseline: float, unit_scale: float = 1e3, goal: str = "") -> tuple:
+    ratio = f"{measured / baseline:.2f}x"
+    return (name, f"{measured * unit_scale:.3f} ms", f"{baseline * unit_scale:.3f} ms", ratio, goal)
+
+
+# --- codec -------------------------------------------------------------------
+
+def bench_codec() -> list:
+    message = {"status": "ok", "observation": LIBERO_SIZE_OBSERVATION, "reward": 0.0}
+    body = sim_server.encode(message)
+    raw = b"".join(bytes(v) for v in LIBERO_SIZE_OBSERVATION.values())
+    memcpy = median_time(lambda: bytearray(raw), 200)
+    return [
+        row("encode observation vs memcpy", median_time(lambda: sim_server.encode(message), 200), memcpy),
+        row("decode observation vs memcpy", median_time(lambda: sim_client.decode(body), 200), memcpy),
+    ]
+
+
+# --- transport ---------------------------------------------------------------
+
+def raw_echo_server(address: str, reply: bytes, stop: threading.Event) -> None:
+    """A bare ROUTER answering every request with the same precomputed body."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind(address)
+    while not stop.is_set():
+        if router.poll(100):
+            frames = router.recv_multipart()
+            router.send_multipart(frames[:-1] + [reply], copy=False)
+    router.close(linger=0)
+
+
+def bench_round_trip() -> list:
+    env = {"SIM_MOCK_IMAGE_SIZE": "256", "SIM_MOCK_EPISODE_STEPS": "100000"}
+    os.environ.update(env)
+    server = ServerProcess("mock", env=env)
+    try:
+        with sim_client.SimulatorClient(server.address) as sim:
+            sim.load_task("reach_center")
+            sim.reset()
+            action = np.zeros(7)
+            sim.step(action)
+            reply = sim.call("step", action=action)
+            body = sim_server.encode(reply)
+            server_step = median_time(lambda: sim.step(action), 300)
+    finally:
+        server.stop()
+    from backends.mock import MockBackend
+
+    backend = MockBackend()
+    backend.load_task("reach_center")
+    backend.reset()
+    in_process = median_time(lambda: backend.step({"action": action}), 300)
+    address = "tcp://127.0.0.1:%d" % free_port()
+    stop = threading.Event()
+    thread = threading.Thread(target=raw_echo_server, args=(address, body, stop), daemon=True)
+    thread.start()
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(address)
+    request = sim_client.encode({"method": "step", "action": action})
+
+    def raw_round_trip():
+        dealer.send_multipart([b"", request])
+        sim_client.decode(dealer.recv_multipart()[-1])
+
+    raw = median_time(raw_round_trip, 300)
+    stop.set()
+    dealer.close(linger=0)
+    return [
+        row(f"mock step round trip ({len(body) // 1024} KiB reply) vs raw ZMQ + decode", server_step, raw,
+            goal="<= 1.5x"),
+        row("mock step round trip vs raw ZMQ + in-process mock step", server_step, raw + in_process),
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def steps_per_second(address: str, clients: int, seconds: float) -> float:
+    counts = [0] * clients
+
+    def run(index: int) -> None:
+        with sim_client.SimulatorClient(address) as sim:
+            sim.load_task("reach_center")
+            sim.reset()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                result = sim.step(np.zeros(7))
+                counts[index] += 1
+                if result["truncated"] or result["terminated"]:
+                    sim.reset()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / seconds
+
+
+def bench_parallel_sessions() -> list:
+    env = {"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_STEP_MS": "100", "SIM_MOCK_EPISODE_STEPS": "1000"}
+    server = ServerProcess("mock", env=env)
+    rows = []
+    try:
+        one = steps_per_second(server.address, 1, 5.0)
+        for clients in (2, 4):
+            many = steps_per_second(server.address, clients, 5.0)
+            rows.append((f"mock 100 ms steps, {clients} clients vs 1 (steps/s)", f"{many:.1f}/s", f"{one:.1f}/s",
+                         f"{many / one:.2f}x", f"cores: {os.cpu_count()}"))
+    finally:
+        server.stop()
+    return rows
+
+
+# --- LIBERO ------------------------------------------------------------------
+
+def bench_libero() -> list:
+    from backends.libero import choose_renderer
+
+    choose_renderer()
+    from test_sim import in_process_env
+
+    suite = "libero_spatial"
+    env, task_name, init_states = in_process_env(suite, 0, 256)
+    server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": suite})
+    rng = np.random.default_rng(0)
+    try:
+        with sim_client.SimulatorClient(server.address) as sim:
+            sim.load_task(task_name)
+            sim.reset()
+            env.seed(7)
+            env.reset()
+            env.set_init_state(init_states[0])
+            remote, local = [], []
+            for _ in range(30):  # interleaved, so both sides see the same machine load
+                action = rng.uniform(-0.2, 0.2, 7)
+                started = time.perf_counter()
+                sim.step(action)
+                remote.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                env.step(action)
+                local.append(time.perf_counter() - started)
+            seeds = iter(range(100, 200))
+            same_seed = median_time(lambda: sim.reset(seed=7), 5)
+            new_seed = median_time(lambda: sim.reset(seed=next(seeds)), 3)
+            sim.load_task(task_name, settle_steps=0)  # the same env, kept: only the reset itself is timed
+            same_seed_bare = median_time(lambda: sim.reset(seed=7), 5)
+            new_seed_bare = median_time(lambda: sim.reset(seed=next(seeds)), 3)
+    finally:
+        server.stop()
+        env.close()
+    return [
+        row("LIBERO step, remote vs in-process (256x256, 2 cameras)", statistics.median(remote),
+            statistics.median(local), goal="<= 1.02x"),
+        row("LIBERO reset, same task and seed vs hard reset (incl. 10 settle steps)", same_seed, new_seed,
+            goal="<= 0.10x"),
+        row("LIBERO reset, same task and seed vs hard reset (settle_steps=0)", same_seed_bare, new_seed_bare,
+            goal="<= 0.10x"),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-libero", action="store_true", help="skip the LIBERO figures")
+    args = parser.parse_args()
+    rows = bench_codec() + bench_round_trip() + bench_parallel_sessions()
+    if not args.no_libero:
+        rows += bench_libero()
+    header = ("measure", "ours", "baseline", "ratio", "goal")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "
+          f"{subprocess.run(['uname', '-m'], capture_output=True, text=True).stdout.strip()}")
+    for line in [header, tuple("-" * w for w in widths)] + rows:
+        print("| " + " | ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
