@@ -278,13 +278,14 @@ class LiberoBackend(SimulatorBackend):
         if seed == self.model_seed:
             np.random.set_state(self.rng_at_reset)  # replay the last hard reset's draws on the kept model
             robosuite_env.hard_reset = False
-            self.env.reset()
+            with cameras_blanked(robosuite_env):  # set_init_state renders the first frames
+                self.env.reset()
             for robot in robosuite_env.robots:  # the one piece of state a soft reset keeps
                 robot.gripper.current_action = np.zeros(robot.gripper.dof)
         else:
             self.env.seed(seed)
             robosuite_env.hard_reset = True
-            self.env.reset()
+            self.env.reset()  # rebuilds the observables, so nothing to blank here
             self.model_seed = seed
         observation = self.env.set_init_state(self.init_states[index])
         if self.task["settle_steps"] > 0:
