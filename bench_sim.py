@@ -144,6 +144,16 @@ def steps_per_second(address: str, clients: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
+def get_info_latencies(address: str, stop: threading.Event, latencies: list) -> None:
+    """An idle third client asking get_info every 10 ms while others step."""
+    with sim_client.SimulatorClient(address) as sim:
+        while not stop.is_set():
+            started = time.perf_counter()
+            sim.get_info()
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.01)
+
+
 def bench_parallel_sessions() -> list:
     env = {"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_STEP_MS": "100", "SIM_MOCK_EPISODE_STEPS": "1000"}
     server = ServerProcess("mock", env=env)
@@ -151,9 +161,16 @@ def bench_parallel_sessions() -> list:
     try:
         one = steps_per_second(server.address, 1, 5.0)
         for clients in (2, 4):
+            stop, latencies = threading.Event(), []
+            prober = threading.Thread(target=get_info_latencies, args=(server.address, stop, latencies))
+            prober.start()
             many = steps_per_second(server.address, clients, 5.0)
+            stop.set()
+            prober.join()
             rows.append((f"mock 100 ms steps, {clients} clients vs 1 (steps/s)", f"{many:.1f}/s", f"{one:.1f}/s",
                          f"{many / one:.2f}x", f"cores: {os.cpu_count()}"))
+            rows.append((f"  idle client's get_info meanwhile: worst of {len(latencies)}",
+                         f"{max(latencies) * 1e3:.1f} ms", "", "", "< 50 ms"))
     finally:
         server.stop()
     return rows
