@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import msgpack
 import numpy as np
 import zmq
+import zmq.auth
 
 DEFAULT_ADDRESS = "tcp://localhost:5555"
 # Loading a LIBERO task builds a MuJoCo model and GL context: seconds, not milliseconds.
@@ -133,10 +134,15 @@ class SimulatorClient:
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 load_timeout_s: Optional[float] = None) -> None:
+                 load_timeout_s: Optional[float] = None, server_key: Optional[str] = None,
+                 client_key: Optional[str] = None) -> None:
+        """`server_key`: the server's public key file (server.key) when it runs CURVE;
+        `client_key`: this client's secret key file (client.key_secret), whose public half
+        the server must list. `sim_server.py --gen-keys DIR` writes both."""
         self.address = address
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s if load_timeout_s is not None else max(timeout_s, 300.0)
+        self._curve = _load_curve_keys(server_key, client_key)
         self.task_info = None  # type: Optional[Dict[str, Any]]
         self._request_ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self._context = zmq.Context.instance()
@@ -148,6 +154,13 @@ class SimulatorClient:
     def _connect(self) -> None:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # A DEALER with no live connection blocks on send (e.g. after a refused CURVE handshake).
+        self._socket.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        if self._curve is not None:
+            server_public, client_public, client_secret = self._curve
+            self._socket.curve_serverkey = server_public
+            self._socket.curve_publickey = client_public
+            self._socket.curve_secretkey = client_secret
         self._socket.connect(self.address)
 
     def _reconnect(self) -> None:
@@ -158,7 +171,7 @@ class SimulatorClient:
         """Send one request and return the reply's fields, or raise its typed error."""
         request_id = next(self._request_ids)
         message = dict(fields, method=method, request_id=request_id)
-        self._socket.send_multipart([b"", encode(message)])
+        self._send(encode(message), method)
         reply = self._wait_for_reply(request_id, timeout_s or self.timeout_s, method)
         if reply.get("status") != "ok":
             error_class = ERROR_CLASSES.get(reply.get("error_type"), ServerError)
@@ -166,19 +179,43 @@ class SimulatorClient:
         return reply
 
     def _wait_for_reply(self, request_id: int, timeout_s: float, method: str) -> Dict[str, Any]:
+        """The reply to `request_id`. While a long call runs, a ping every `timeout_s` tells a
+        busy server (answered) from a dead one (silent), so only `load_timeout_s` bounds a load."""
         deadline = time.monotonic() + timeout_s
+        slice_s = min(timeout_s, self.timeout_s)
+        unanswered_ping = None  # type: Optional[int]
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
-                self._reconnect()
-                raise ServerTimeout(
-                    f"no reply to {method} from {self.address} within {timeout_s:.1f} s: the server is down, "
-                    "overloaded or unreachable; the next call opens a new session")
-            frames = self._socket.recv_multipart()
-            reply = decode(frames[-1])
-            if isinstance(reply, dict) and reply.get("request_id") == request_id:
-                return reply
-            # A late reply to a request that timed out earlier: drop it.
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                self._give_up(method, timeout_s, "")
+            if self._socket.poll(int(min(remaining_s, slice_s) * 1000) + 1, zmq.POLLIN):
+                reply = decode(self._socket.recv_multipart()[-1])
+                if not isinstance(reply, dict):
+                    continue
+                if reply.get("request_id") == request_id:
+                    return reply
+                if reply.get("request_id") == unanswered_ping:
+                    unanswered_ping = None
+                continue  # a late reply to an earlier request, or a ping's: drop it
+            if unanswered_ping is not None:
+                self._give_up(method, slice_s, " (nor to a ping)")
+            if time.monotonic() < deadline:
+                unanswered_ping = next(self._request_ids)
+                self._send(encode({"method": "ping", "request_id": unanswered_ping}), method)
+
+    def _send(self, body: bytes, method: str) -> None:
+        try:
+            self._socket.send_multipart([b"", body])
+        except zmq.Again:
+            self._give_up(method, self.timeout_s, " (could not even send it)")
+
+    def _give_up(self, method: str, waited_s: float, detail: str) -> None:
+        self._reconnect()
+        keys = (" or it refused our CURVE keys (check server_key, and that the server lists our public key)"
+                if self._curve is not None else "")
+        raise ServerTimeout(
+            f"no reply to {method}{detail} from {self.address} within {waited_s:.1f} s: the server is down, "
+            f"overloaded or unreachable{keys}; the next call opens a new session")
 
     # The protocol's methods -------------------------------------------------
 
@@ -241,6 +278,22 @@ class SimulatorClient:
         self.disconnect()
 
 
+def _load_curve_keys(server_key: Optional[str], client_key: Optional[str]):
+    """(server public, client public, client secret) from key files, or None without CURVE."""
+    if server_key is None and client_key is None:
+        return None
+    if server_key is None or client_key is None:
+        raise SimulatorClientError("CURVE needs both server_key (server.key) and client_key (client.key_secret)")
+    if not zmq.has("curve"):
+        raise SimulatorClientError("this pyzmq has no CURVE support; install pyzmq from PyPI")
+
+    server_public, _ = zmq.auth.load_certificate(server_key)
+    client_public, client_secret = zmq.auth.load_certificate(client_key)
+    if client_secret is None:
+        raise SimulatorClientError(f"{client_key} holds no secret key: pass the client.key_secret file")
+    return server_public, client_public, client_secret
+
+
 # --- command line ------------------------------------------------------------
 
 
@@ -256,9 +309,9 @@ def describe_array(value: Any) -> str:
     return type(value).__name__
 
 
-def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float) -> None:
+def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float, **keys: Optional[str]) -> None:
     """The whole lifecycle once, printed: the smoke test for a new server."""
-    with SimulatorClient(address, timeout_s=timeout_s) as sim:
+    with SimulatorClient(address, timeout_s=timeout_s, **keys) as sim:
         info = sim.get_info()
         print("server: %s %s, %d session(s)" % (info["backend_name"], info["backend_version"],
                                                  info["active_sessions"]))
@@ -288,9 +341,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--task", default=None, help="task to load (default: the first listed)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
+    parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
+    parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
     args = parser.parse_args(argv)
     try:
-        run_demo(args.address, args.task, args.steps, args.timeout)
+        run_demo(args.address, args.task, args.steps, args.timeout, server_key=args.server_key,
+                 client_key=args.client_key)
     except SimulatorClientError as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import msgpack
 import numpy as np
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from backends import available_backends, get_backend
 from backends.base import (
@@ -86,6 +89,8 @@ class Config:
     step_timeout_s: float
     load_timeout_s: float
     max_request_bytes: int
+    curve_secret_key: str = ""  # the server's .key_secret file; empty means CURVE off
+    curve_clients: str = ""  # folder of allowed client .key files
 
 
 # (flag, environment variable, default, type, help); --port is handled apart.
@@ -98,6 +103,8 @@ SETTINGS = [
     ("--step-timeout", "SIM_STEP_TIMEOUT_S", 60.0, float, "seconds a reset or step may run before it is killed"),
     ("--load-timeout", "SIM_LOAD_TIMEOUT_S", 300.0, float, "seconds a load_task may run before it is killed"),
     ("--max-request-bytes", "SIM_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES, int, "largest request frame accepted"),
+    ("--curve-secret-key", "SIM_CURVE_SECRET_KEY", "", str, "server's CURVE secret key file: turns on CURVE"),
+    ("--curve-clients", "SIM_CURVE_CLIENTS", "", str, "folder of the client public keys CURVE lets in"),
 ]
 
 
@@ -112,7 +119,12 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         value = kind(os.environ.get(env_var, default))
         parser.add_argument(flag, type=kind, default=value, help=f"{text} (env {env_var}; now {value})")
     parser.add_argument("--port", type=int, default=None, help="shorthand for --bind tcp://*:PORT")
+    parser.add_argument("--gen-keys", metavar="DIR", default=None,
+                        help="write a server and a client CURVE key pair into DIR, then exit")
     args = parser.parse_args(argv)
+    if args.gen_keys is not None:
+        generate_keys(args.gen_keys)
+        parser.exit(0)
     bind = f"tcp://*:{args.port}" if args.port is not None else args.bind
     return Config(
         simulator=args.simulator,
@@ -123,7 +135,19 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         step_timeout_s=args.step_timeout,
         load_timeout_s=args.load_timeout,
         max_request_bytes=args.max_request_bytes,
+        curve_secret_key=args.curve_secret_key,
+        curve_clients=args.curve_clients,
     )
+
+
+def generate_keys(folder: str) -> None:
+    """server.key(_secret) for the server, client.key(_secret) for a client; client.key goes in --curve-clients."""
+    os.makedirs(folder, exist_ok=True)
+    for name in ("server", "client"):
+        public, secret = zmq.auth.create_certificates(folder, name)
+        print(f"wrote {public} and {secret}")
+    print(f"serve:  --curve-secret-key {folder}/server.key_secret --curve-clients DIR_WITH_client.key\n"
+          f"client: --server-key {folder}/server.key --client-key {folder}/client.key_secret")
 
 
 # --- protocol codec ----------------------------------------------------------
@@ -473,6 +497,7 @@ class SimulatorServer:
         self.started = time.monotonic()
         self.stopping = False
         self.context = zmq.Context()
+        self.authenticator = self._start_authenticator()
         self.frontend = self._bind_frontend()
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
@@ -487,8 +512,26 @@ class SimulatorServer:
         frontend.setsockopt(zmq.MAXMSGSIZE, self.config.max_request_bytes)
         frontend.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         frontend.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if self.authenticator is not None:
+            frontend.curve_publickey, frontend.curve_secretkey = zmq.auth.load_certificate(
+                self.config.curve_secret_key)
+            frontend.curve_server = True
+        elif not is_loopback(self.config.bind):
+            log.warning("listening on %s without CURVE: anyone who can reach it can run simulators; "
+                        "see README 'Security and limits'", self.config.bind)
         frontend.bind(self.config.bind)
         return frontend
+
+    def _start_authenticator(self) -> Optional[ThreadAuthenticator]:
+        """ZAP handler that admits only the client keys in --curve-clients (started before bind)."""
+        if not self.config.curve_secret_key:
+            return None
+        authenticator = ThreadAuthenticator(self.context)
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=self.config.curve_clients)
+        log.info("CURVE on: admitting the %d client keys in %s", len(glob.glob(
+            os.path.join(self.config.curve_clients, "*.key"))), self.config.curve_clients)
+        return authenticator
 
     @property
     def endpoint(self) -> str:
@@ -724,6 +767,8 @@ class SimulatorServer:
             self._finish_closing_workers()
             time.sleep(0.05)
         self.frontend.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         log.info("stopped")
 
@@ -735,6 +780,24 @@ class SimulatorServer:
             self.frontend.send_multipart(envelope + [body], flags=zmq.NOBLOCK, copy=len(body) < 65536)
         except zmq.ZMQError as error:
             log.debug("reply to %r dropped: %s", envelope[0], error)
+
+
+def is_loopback(bind: str) -> bool:
+    host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
+    return bind.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def check_curve_config(config: Config) -> Optional[str]:
+    """Why the CURVE settings cannot work, or None."""
+    if not config.curve_secret_key and not config.curve_clients:
+        return None
+    if not zmq.has("curve"):
+        return "this libzmq has no CURVE support; install pyzmq from PyPI (its wheels bundle libsodium)"
+    if not os.path.isfile(config.curve_secret_key):
+        return f"--curve-secret-key {config.curve_secret_key!r} is not a file (make one with --gen-keys DIR)"
+    if not os.path.isdir(config.curve_clients):
+        return f"--curve-clients {config.curve_clients!r} must be a folder of allowed client .key files"
+    return None
 
 
 def envelope_for_odd(frames: List[bytes]) -> List[bytes]:
@@ -757,6 +820,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         backend_class = get_backend(config.simulator)
     except KeyError as error:
         print(f"sim_server: {error.args[0]}", file=sys.stderr)
+        return 2
+    curve_problem = check_curve_config(config)
+    if curve_problem:
+        print(f"sim_server: {curve_problem}", file=sys.stderr)
         return 2
     try:
         backend_class.prepare_server()

@@ -68,15 +68,21 @@ class RawClient:
 class ServerProcess:
     """`python sim_server.py` on a free loopback port, stopped with SIGTERM."""
 
-    def __init__(self, simulator: str = "mock", *args: str, env: dict | None = None) -> None:
-        self.address = f"tcp://127.0.0.1:{free_port()}"
+    def __init__(self, simulator: str = "mock", *args: str, env: dict | None = None, address: str | None = None,
+                 stderr=None, probe_keys: dict | None = None) -> None:
+        self.address = address or f"tcp://127.0.0.1:{free_port()}"
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "sim_server.py"), "--simulator", simulator,
-             "--bind", self.address, "--log-level", "WARNING", *args],
-            env={**os.environ, **(env or {})}, cwd=HERE)
-        self._wait_until_serving()
+             "--bind", self.address.replace("127.0.0.1", "0.0.0.0") if address else self.address,
+             "--log-level", "WARNING", *args],
+            env={**os.environ, **(env or {})}, cwd=HERE, stderr=stderr)
+        self._wait_until_serving(probe_keys)
 
-    def _wait_until_serving(self) -> None:
+    def _wait_until_serving(self, probe_keys: dict | None) -> None:
+        if probe_keys is not None:
+            with sim_client.SimulatorClient(self.address, timeout_s=START_TIMEOUT_S, **probe_keys) as probe:
+                probe.ping()
+            return
         deadline = time.monotonic() + START_TIMEOUT_S
         probe = RawClient(self.address)
         try:
@@ -818,3 +824,99 @@ def test_libero_success_predicate_terminates_the_episode(monkeypatch):
         assert terminated and info["success"] and reward > 0 and not truncated
     finally:
         backend.close()
+
+
+# --- reliability: authentication, reconnects, liveness -----------------------
+
+@pytest.fixture(scope="module")
+def curve_keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    assert run_server_cli("--gen-keys", str(folder)).returncode == 0
+    allowed = folder / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes((folder / "client.key").read_bytes())
+    stranger = folder / "stranger"
+    assert run_server_cli("--gen-keys", str(stranger)).returncode == 0
+    return folder, allowed, stranger
+
+
+def test_curve_admits_only_listed_client_keys(curve_keys):
+    folder, allowed, stranger = curve_keys
+    keys = {"server_key": str(folder / "server.key"), "client_key": str(folder / "client.key_secret")}
+    server = ServerProcess("mock", "--curve-secret-key", str(folder / "server.key_secret"),
+                           "--curve-clients", str(allowed), env={"SIM_MOCK_IMAGE_SIZE": "8"}, probe_keys=keys)
+    try:
+        with sim_client.SimulatorClient(server.address, timeout_s=30, **keys) as sim:
+            sim.load_task("reach_center")
+            assert sim.reset()[0]["state"].shape == (4,)
+            sessions_before = sim.get_info()["active_sessions"]
+            plain = server.client()  # no CURVE at all
+            plain.send_body(sim_client.encode({"method": "load_task", "task_name": "reach_center"}))
+            assert not plain.socket.poll(1500)
+            plain.close()
+            intruder = sim_client.SimulatorClient(server.address, timeout_s=1.5, server_key=keys["server_key"],
+                                                  client_key=str(stranger / "client.key_secret"))
+            with pytest.raises(sim_client.ServerTimeout, match="CURVE keys"):
+                intruder.load_task("reach_center")
+            intruder.disconnect()
+            info = sim.get_info()
+            assert info["active_sessions"] == sessions_before and info["simulator_sessions"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_bad_curve_settings_exit_with_a_message(tmp_path):
+    result = run_server_cli("--simulator", "mock", "--curve-secret-key", str(tmp_path / "missing"),
+                            "--curve-clients", str(tmp_path))
+    assert result.returncode == 2 and "--gen-keys" in result.stderr
+
+
+def test_binding_beyond_loopback_without_curve_warns(tmp_path):
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        server = ServerProcess("mock", address=f"tcp://127.0.0.1:{free_port()}", stderr=log_file)
+        server.stop()
+    assert "without CURVE" in log_path.read_text()
+
+
+def test_client_recovers_after_server_restart():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
+    sim = sim_client.SimulatorClient(address, timeout_s=1.0)
+    try:
+        sim.load_task("reach_center")
+        sim.reset()
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(sim_client.ServerTimeout, match="no reply to step"):
+            sim.step(ZERO_ACTION)
+        server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
+        with pytest.raises(sim_client.NoTaskLoaded):  # a new server, a new session
+            sim.reset()
+        sim.load_task("reach_center")
+        assert sim.reset()[1]["step"] == 0
+    finally:
+        sim.disconnect()
+        server.stop()
+
+
+def test_long_load_is_not_mistaken_for_a_dead_server(mock_server):
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.5, load_timeout_s=30)
+    try:
+        assert sim.load_task("reach_center", load_sleep_s=2.0)["task_name"] == "reach_center"
+    finally:
+        sim.disconnect()
+
+
+def test_frozen_server_is_detected_during_a_long_load():
+    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
+    sim = sim_client.SimulatorClient(server.address, timeout_s=1.0, load_timeout_s=60)
+    try:
+        sim.ping()
+        server.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(sim_client.ServerTimeout, match="nor to a ping"):
+            sim.load_task("reach_center", load_sleep_s=10.0)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        sim.disconnect()
+        server.stop()

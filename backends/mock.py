@@ -11,6 +11,7 @@ tests do the same with slow or failing environments):
   hang_at_step=N    step N never returns
   fail_at_step=N    step N raises a plain exception (becomes backend_error)
   step_sleep_s=S    every step also sleeps S seconds (no CPU)
+  load_sleep_s=S    load_task sleeps S seconds, like a slow simulator build
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ GOALS = {
     "reach_floor": (0.0, 0.0, -0.8),
 }
 FAULT_OPTIONS = ("crash_at_step", "hang_at_step", "fail_at_step")
+SLEEP_OPTIONS = ("step_sleep_s", "load_sleep_s")
 
 
 def _env_number(name: str, default: float) -> float:
@@ -73,6 +75,7 @@ class MockBackend(SimulatorBackend):
         if task_name not in GOALS:
             raise TaskNotFound(f"no mock task {task_name!r}; tasks: {', '.join(GOALS)}")
         self.options = self._checked_options(options)
+        time.sleep(self.options.get("load_sleep_s", 0))
         self.task = task_name
         return {
             "task_name": task_name,
@@ -92,9 +95,9 @@ class MockBackend(SimulatorBackend):
         for key, value in options.items():
             if key in FAULT_OPTIONS and not (isinstance(value, int) and value >= 0):
                 raise InvalidParams(f"{key} must be a non-negative int")
-            elif key == "step_sleep_s" and not (isinstance(value, (int, float)) and 0 <= value <= 600):
-                raise InvalidParams("step_sleep_s must be a number of seconds in [0, 600]")
-            elif key not in FAULT_OPTIONS and key != "step_sleep_s":
+            elif key in SLEEP_OPTIONS and not (isinstance(value, (int, float)) and 0 <= value <= 600):
+                raise InvalidParams(f"{key} must be a number of seconds in [0, 600]")
+            elif key not in FAULT_OPTIONS and key not in SLEEP_OPTIONS:
                 raise InvalidParams(f"unknown mock option {key!r}")
         return dict(options)
 
