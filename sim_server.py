@@ -662,6 +662,7 @@ class SimulatorServer:
             self.send(envelope, session.last_reply[1])  # a retry of a finished request: never run twice
             return
         if request.method == "load_task":
+            self._check_task_name(request.fields)
             self._ensure_worker(session)
         elif session.crash is not None:
             raise BackendError(f"{session.crash}; call load_task to start a new simulator")
@@ -675,6 +676,13 @@ class SimulatorServer:
             session.worker.send(body)
         except OSError:
             self._worker_died(session)
+
+    def _check_task_name(self, fields: Dict[str, Any]) -> None:
+        """Refuse a bad task name here, so it never costs a simulator process."""
+        task_name = fields.get("task_name")
+        if not isinstance(task_name, str):
+            raise InvalidParams("load_task needs a string 'task_name'")
+        self.catalog.check_task(task_name)
 
     def _ensure_worker(self, session: Session) -> None:
         if session.worker is not None:

@@ -920,3 +920,14 @@ def test_frozen_server_is_detected_during_a_long_load():
         server.process.send_signal(signal.SIGCONT)
         sim.disconnect()
         server.stop()
+
+
+def test_short_soak_leaves_the_server_healthy_and_flat():
+    from soak_sim import run_soak
+
+    result = run_soak(seconds=8, clients=2)
+    assert result["failures"] == 0, result["errors"]
+    assert result["sessions"] > 5 and result["hostile"] > 100 and result["hostile_replies"] > 0
+    assert result["server_alive"] and result["exit_code"] == 0
+    assert result["simulators_left"] == 0
+    assert result["rss_end_kib"] < result["rss_warm_kib"] + 20 * 1024

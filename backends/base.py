@@ -96,6 +96,16 @@ class SimulatorBackend(abc.ABC):
         list_tasks without starting a simulator process.
         """
 
+    def check_task(self, task_name: str) -> None:
+        """Raise TaskNotFound unless load_task would find `task_name`; cheap, no simulator.
+
+        The server calls it before starting a simulator process for a load_task.
+        """
+        tasks = self.list_tasks()
+        if task_name not in tasks:
+            shown = ", ".join(tasks[:20]) + (", ..." if len(tasks) > 20 else "")
+            raise TaskNotFound(f"no task {task_name!r}; tasks: {shown}")
+
     @abc.abstractmethod
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
         """Build the simulator for `task_name` and return its task_info.

@@ -183,6 +183,9 @@ class LiberoBackend(SimulatorBackend):
             raise TaskNotFound(f"no task {name!r} in {suite_name}; close matches: {close or names[:5]}")
         return suite_name, names.index(name)
 
+    def check_task(self, task_name: str) -> None:
+        self.resolve(task_name)
+
     # Loading ----------------------------------------------------------------
 
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
