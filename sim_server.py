@@ -62,6 +62,8 @@ SOCKET_HWM = 16
 WORKER_CLOSE_GRACE_S = 5.0
 # The longest the poll loop sleeps, so shutdown and reaping stay prompt.
 POLL_INTERVAL_S = 0.25
+# Longest action chunk one step request may carry (openpi replans every 5 of 10 or 50).
+MAX_CHUNK = 256
 # Methods a session's worker process answers; everything else the loop answers.
 SIMULATOR_METHODS = ("load_task", "reset", "step")
 LOOP_METHODS = ("list_tasks", "get_info", "ping", "disconnect")
@@ -326,6 +328,7 @@ class SessionSimulator:
         self.backend = backend
         self.task_loaded = False
         self.episode_running = False
+        self.action_ndims: Dict[str, int] = {}  # from the task's action_spec, to tell a chunk from one action
 
     def handle(self, body: bytes) -> bytes:
         request_id = None
@@ -365,12 +368,41 @@ class SessionSimulator:
         self.episode_running = False
         task_info = self.backend.load_task(task_name, **options)
         self.task_loaded = True
+        self.action_ndims = {name: len(spec["shape"]) for name, spec in task_info["action_spec"].items()}
         return task_info
 
     def step(self, fields: Dict[str, Any]) -> Dict[str, Any]:
+        """One action, or a chunk of K actions (one more leading axis) run until the episode ends."""
         if not self.episode_running:
             raise NotReset("step needs a running episode: call reset first")
         action = action_from_fields(fields)
+        chunk = self.chunk_length(action)
+        if chunk is None:
+            return self.step_once(action)
+        replies = []
+        for index in range(chunk):
+            replies.append(self.step_once({name: value[index] for name, value in action.items()}))
+            if not self.episode_running:
+                break
+        last = replies[-1]
+        return {**last, "reward": float(sum(r["reward"] for r in replies)), "steps_run": len(replies),
+                "rewards": [r["reward"] for r in replies],
+                "successes": [bool(r["info"].get("success", r["terminated"])) for r in replies]}
+
+    def chunk_length(self, action: Dict[str, np.ndarray]) -> Optional[int]:
+        """K when every action array has one axis more than its spec (a [K, ...] chunk), else None."""
+        extra = {value.ndim - self.action_ndims.get(name, value.ndim) for name, value in action.items()}
+        if extra != {1}:
+            return None
+        lengths = {value.shape[0] for value in action.values()}
+        if len(lengths) != 1 or not 1 <= next(iter(lengths)) <= MAX_CHUNK:
+            raise InvalidParams(f"an action chunk needs the same length K in 1..{MAX_CHUNK} for every action")
+        for name, value in action.items():
+            if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+                raise InvalidParams(f"action {name!r} contains NaN or Inf")  # refuse before any step runs
+        return lengths.pop()
+
+    def step_once(self, action: Dict[str, np.ndarray]) -> Dict[str, Any]:
         observation, reward, terminated, truncated, info = self.backend.step(action)
         self.episode_running = not (terminated or truncated)
         return {"observation": observation, "reward": float(reward), "terminated": bool(terminated),

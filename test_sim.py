@@ -931,3 +931,51 @@ def test_short_soak_leaves_the_server_healthy_and_flat():
     assert result["server_alive"] and result["exit_code"] == 0
     assert result["simulators_left"] == 0
     assert result["rss_end_kib"] < result["rss_warm_kib"] + 20 * 1024
+
+
+# --- action chunks -----------------------------------------------------------
+
+def test_action_chunk_equals_single_steps_in_one_round_trip(raw):
+    chunk = np.random.default_rng(3).uniform(-1, 1, (5, 7))
+    raw.request("load_task", task_name="reach_corner")
+    raw.request("reset", init_state_index=4)
+    singles = [raw.request("step", action=row) for row in chunk]
+    raw.request("reset", init_state_index=4)
+    reply = raw.request("step", action=chunk)
+    assert reply["steps_run"] == 5 and reply["info"]["step"] == 5
+    assert_same_observations([reply["observation"]], [singles[-1]["observation"]])
+    assert reply["rewards"] == [s["reward"] for s in singles]
+    assert reply["reward"] == pytest.approx(sum(s["reward"] for s in singles))
+    assert reply["successes"] == [False] * 5
+
+
+def test_action_chunk_stops_at_the_end_of_the_episode():
+    with running_server("mock", env={"SIM_MOCK_EPISODE_STEPS": "3", "SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        client.request("reset")
+        reply = client.request("step", action=np.zeros((5, 7)))
+        assert reply["steps_run"] == 3 and reply["truncated"] is True
+        assert_error(client.request("step", action=np.zeros((2, 7))), "not_reset")
+
+
+def test_bad_action_chunks_are_refused_before_any_step(raw):
+    raw.request("load_task", task_name="reach_center")
+    raw.request("reset")
+    bad = np.zeros((4, 7))
+    bad[2, 0] = np.nan
+    assert_error(raw.request("step", action=bad), "invalid_params")
+    assert_error(raw.request("step", action=np.zeros((0, 7))), "invalid_params")
+    assert_error(raw.request("step", action=np.zeros((300, 7))), "invalid_params")
+    assert raw.request("step", action=ZERO_ACTION)["info"]["step"] == 1
+
+
+def test_libero_action_chunk_matches_single_steps(libero_session):
+    client, _ = libero_session
+    chunk = np.random.default_rng(5).uniform(-0.5, 0.5, (5, 7))
+    client.request("reset", init_state_index=2)
+    singles = [client.request("step", action=row)["observation"] for row in chunk]
+    client.request("reset", init_state_index=2)
+    reply = client.request("step", action=chunk)
+    assert reply["steps_run"] == 5 and reply["info"]["step"] == 5
+    assert_same_observations([reply["observation"]], [singles[-1]])
