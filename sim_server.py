@@ -62,6 +62,9 @@ SOCKET_HWM = 16
 WORKER_CLOSE_GRACE_S = 5.0
 # The longest the poll loop sleeps, so shutdown and reaping stay prompt.
 POLL_INTERVAL_S = 0.25
+# robosuite/LIBERO leak memory and GL contexts across env close (THREATS.md): a session that
+# switches tasks gets a fresh simulator process after this many different tasks.
+MAX_TASKS_PER_WORKER = 8
 # Longest action chunk one step request may carry (openpi replans every 5 of 10 or 50).
 MAX_CHUNK = 256
 # Methods a session's worker process answers; everything else the loop answers.
@@ -441,6 +444,7 @@ class Worker:
         child_conn.close()  # so the worker's death reads as EOF here
         self.pid = self.process.pid
         self.close_deadline: Optional[float] = None
+        self.tasks_loaded = 0  # distinct task switches served, for MAX_TASKS_PER_WORKER
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -695,6 +699,7 @@ class SimulatorServer:
             return
         if request.method == "load_task":
             self._check_task_name(request.fields)
+            self._retire_worn_worker(session, request.fields["task_name"])
             self._ensure_worker(session)
         elif session.crash is not None:
             raise BackendError(f"{session.crash}; call load_task to start a new simulator")
@@ -715,6 +720,19 @@ class SimulatorServer:
         if not isinstance(task_name, str):
             raise InvalidParams("load_task needs a string 'task_name'")
         self.catalog.check_task(task_name)
+
+    def _retire_worn_worker(self, session: Session, task_name: str) -> None:
+        """Start a fresh process after MAX_TASKS_PER_WORKER different tasks: simulators leak on close."""
+        worker = session.worker
+        if worker is None or task_name == session.current_task:
+            return
+        worker.tasks_loaded += 1
+        if worker.tasks_loaded > MAX_TASKS_PER_WORKER:
+            log.info("session %s: simulator process %d loaded %d tasks; starting a fresh one",
+                     session.session_id, worker.pid, MAX_TASKS_PER_WORKER)
+            self._detach_worker(session).begin_close()
+            self.closing_workers.append(worker)
+            session.current_task = None
 
     def _ensure_worker(self, session: Session) -> None:
         if session.worker is not None:

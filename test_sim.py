@@ -769,7 +769,7 @@ def test_libero_init_states_give_different_scenes(libero_session):
 def test_libero_rejects_bad_actions(libero_session):
     client, _ = libero_session
     client.request("reset")
-    for bad in (np.zeros(6), np.array([np.nan] * 7), np.array([np.inf] * 7), np.zeros((2, 7)), ["x"] * 7):
+    for bad in (np.zeros(6), np.array([np.nan] * 7), np.array([np.inf] * 7), np.zeros((2, 3, 7)), ["x"] * 7):
         assert_error(client.request("step", action=bad), "invalid_params")
     assert client.request("step", action=np.zeros(7))["info"]["step"] == 1
 
@@ -979,3 +979,16 @@ def test_libero_action_chunk_matches_single_steps(libero_session):
     reply = client.request("step", action=chunk)
     assert reply["steps_run"] == 5 and reply["info"]["step"] == 5
     assert_same_observations([reply["observation"]], [singles[-1]])
+
+
+def test_a_session_that_keeps_switching_tasks_gets_a_fresh_simulator_process(raw):
+    raw.request("load_task", task_name="reach_center")
+    first_pid = raw.request("get_info")["sim_pid"]
+    pids = []
+    for switch in range(sim_server.MAX_TASKS_PER_WORKER + 1):
+        assert raw.request("load_task", task_name=["reach_corner", "reach_floor"][switch % 2])["status"] == "ok"
+        pids.append(raw.request("get_info")["sim_pid"])
+    assert pids[:-1] == [first_pid] * sim_server.MAX_TASKS_PER_WORKER
+    assert pids[-1] != first_pid
+    assert wait_until(lambda: not pid_alive(first_pid))
+    assert raw.request("reset")["status"] == "ok"
