@@ -179,7 +179,7 @@ def bench_parallel_sessions() -> list:
 # --- LIBERO ------------------------------------------------------------------
 
 def bench_libero() -> list:
-    from backends.libero import choose_renderer
+    from backends.base import choose_renderer
 
     choose_renderer()
     from test_sim import in_process_env

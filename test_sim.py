@@ -992,3 +992,134 @@ def test_a_session_that_keeps_switching_tasks_gets_a_fresh_simulator_process(raw
     assert pids[-1] != first_pid
     assert wait_until(lambda: not pid_alive(first_pid))
     assert raw.request("reset")["status"] == "ok"
+
+
+# --- every backend keeps the same contract -----------------------------------
+
+def check_protocol_conformance(server, task: str, action, bad_action, **load_options) -> dict:
+    """The raw-protocol flow every backend must pass: list, load, reset, step, and the errors."""
+    client = server.client()
+    try:
+        assert task in client.request("list_tasks")["tasks"]
+        assert_error(client.request("reset"), "no_task_loaded")
+        assert_error(client.request("load_task", task_name="no-such-task-v0"), "task_not_found")
+        assert_error(client.request("load_task", task_name=7), "invalid_params")
+        assert_error(client.request("load_task", task_name=task, no_such_option=1), "invalid_params")
+        task_info = client.request("load_task", task_name=task, **load_options)["task_info"]
+        assert {"action_spec", "observation_spec", "max_episode_steps", "description"} <= set(task_info)
+        assert_error(client.request("step", action=action), "not_reset")
+        observation = client.request("reset", seed=1)["observation"]
+        assert set(observation) == set(task_info["observation_spec"])
+        for key, spec in task_info["observation_spec"].items():
+            assert list(observation[key].shape) == spec["shape"] and observation[key].dtype.str == spec["dtype"], key
+        step = client.request("step", action=action)
+        assert step["status"] == "ok" and isinstance(step["reward"], float)
+        assert isinstance(step["terminated"], bool) and isinstance(step["truncated"], bool)
+        assert_error(client.request("step", action=bad_action), "invalid_params")
+        assert_error(client.request("fly"), "unknown_method")
+        assert client.request("step", action=action)["status"] == "ok"
+        return task_info
+    finally:
+        client.request("disconnect")
+        client.close()
+
+
+def test_mock_backend_passes_protocol_conformance(mock_server):
+    check_protocol_conformance(mock_server, "reach_center", np.zeros(7), np.zeros(5))
+
+
+@pytest.fixture(scope="module")
+def gymnasium_server():
+    with running_server("gymnasium") as server:
+        yield server
+
+
+def test_gymnasium_backend_passes_protocol_conformance(gymnasium_server):
+    task_info = check_protocol_conformance(gymnasium_server, "CartPole-v1", np.int64(1), np.int64(7))
+    assert task_info["action_spec"]["action"] == {"shape": [], "dtype": "<i8", "low": 0.0, "high": 1.0}
+    assert task_info["max_episode_steps"] == 500
+    check_protocol_conformance(gymnasium_server, "Hopper-v5", np.zeros(3), np.full(3, 5.0))
+
+
+def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server):
+    import gymnasium
+
+    actions = np.random.default_rng(2).uniform(-1, 1, (8, 3)).astype(np.float32)
+    client = gymnasium_server.client()
+    try:
+        client.request("load_task", task_name="Hopper-v5", render=True, render_width=32, render_height=32)
+        remote = [client.request("reset", seed=5)["observation"]]
+        remote += [client.request("step", action=a)["observation"] for a in actions]
+    finally:
+        client.request("disconnect")
+        client.close()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    env = gymnasium.make("Hopper-v5", render_mode="rgb_array", width=32, height=32)
+    observation, _ = env.reset(seed=5)
+    local = [{"observation": observation, "image": env.render()}]
+    for action in actions:
+        observation, *_ = env.step(action)
+        local.append({"observation": observation, "image": env.render()})
+    env.close()
+    assert_same_observations(remote, local)
+
+
+def test_gymnasium_lists_only_environments_that_can_be_created(gymnasium_server):
+    client = gymnasium_server.client()
+    tasks = client.request("list_tasks")["tasks"]
+    client.close()
+    assert "CartPole-v1" in tasks and "Hopper-v5" in tasks
+    assert "LunarLander-v3" not in tasks  # needs box2d, which is not installed
+    assert "Hopper-v3" not in tasks  # needs mujoco-py
+
+
+@pytest.fixture(scope="module")
+def robosuite_server():
+    with running_server("robosuite") as server:
+        yield server
+
+
+ROBOSUITE_OPTIONS = {"camera_width": 48, "camera_height": 48}
+
+
+def test_robosuite_backend_passes_protocol_conformance(robosuite_server):
+    task_info = check_protocol_conformance(robosuite_server, "Lift", np.zeros(7), np.zeros(3), **ROBOSUITE_OPTIONS)
+    assert task_info["robots"] == ["Panda"] and task_info["controller"] == "OSC_POSE"
+    assert task_info["observation_spec"]["agentview_image"]["shape"] == [48, 48, 3]
+
+
+def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
+    import robosuite
+
+    from backends.robosuite import configure_robosuite
+
+    actions = np.random.default_rng(4).uniform(-1, 1, (6, 7))
+    client = robosuite_server.client()
+    try:
+        client.request("load_task", task_name="Lift", **ROBOSUITE_OPTIONS)
+        remote = [client.request("reset", seed=4)["observation"]]
+        remote += [client.request("step", action=a)["observation"] for a in actions]
+    finally:
+        client.request("disconnect")
+        client.close()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    configure_robosuite()
+    env = robosuite.make("Lift", robots=["Panda"],
+                         controller_configs=robosuite.load_controller_config(default_controller="OSC_POSE"),
+                         has_renderer=False, has_offscreen_renderer=True, use_camera_obs=True,
+                         camera_names=["agentview"], camera_widths=48, camera_heights=48, horizon=500,
+                         ignore_done=True)
+    np.random.seed(4)
+    local = [env.reset()]
+    local += [env.step(a)[0] for a in actions]
+    env.close()
+    assert_same_observations(remote, [dict(observation) for observation in local])
+
+
+def test_robosuite_two_arm_task_gets_two_robots(robosuite_server):
+    client = robosuite_server.client()
+    task_info = client.request("load_task", task_name="TwoArmLift", cameras=[])["task_info"]
+    assert task_info["robots"] == ["Panda", "Panda"] and task_info["action_spec"]["action"]["shape"] == [14]
+    assert_error(client.request("load_task", task_name="Lift", robots="R2D2"), "invalid_params")
+    client.request("disconnect")
+    client.close()

@@ -9,6 +9,9 @@ numpy arrays.
 from __future__ import annotations
 
 import abc
+import os
+import subprocess
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -170,3 +173,32 @@ def require_action(action: Dict[str, np.ndarray], key: str, shape: Tuple[int, ..
     if not np.all(np.isfinite(value)):
         raise InvalidParams(f"action {key!r} contains NaN or Inf")
     return value
+
+
+RENDERER_HINT = ("install an OpenGL renderer: `apt-get install libegl1 libegl-mesa0 libgl1` (EGL; Mesa renders "
+                 "on the CPU) or `apt-get install libosmesa6` (OSMesa)")
+
+
+def renderer_works(name: str) -> bool:
+    """Whether MuJoCo can open an offscreen context with MUJOCO_GL=name (checked in a child process)."""
+    probe = "import mujoco; context = mujoco.GLContext(16, 16); context.make_current(); context.free()"
+    env = {**os.environ, "MUJOCO_GL": name, "PYOPENGL_PLATFORM": name}
+    try:
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def choose_renderer() -> str:
+    """MUJOCO_GL as given, else the first of EGL, OSMesa that works; exported for the workers.
+
+    MuJoCo backends call this from prepare_server, before any worker starts.
+    """
+    if os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"]
+    for name in ("egl", "osmesa"):
+        if renderer_works(name):
+            os.environ["MUJOCO_GL"] = name
+            os.environ["PYOPENGL_PLATFORM"] = name
+            return name
+    raise BackendError(f"MuJoCo found no offscreen renderer (tried EGL, OSMesa): {RENDERER_HINT}")

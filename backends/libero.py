@@ -23,8 +23,6 @@ import contextlib
 import difflib
 import logging
 import os
-import subprocess
-import sys
 from importlib import metadata
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,6 +37,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    choose_renderer,
     observation_spec_of,
     require_action,
 )
@@ -59,32 +58,6 @@ CONTROL_FREQ = 20
 ACTION_DIM = 7
 LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "flip_images", "max_episode_steps",
                 "settle_steps")
-RENDERER_HINT = ("install an OpenGL renderer: `apt-get install libegl1 libgl1` (EGL; Mesa renders on CPU) "
-                 "or `apt-get install libosmesa6` (OSMesa)")
-
-
-# --- rendering ---------------------------------------------------------------
-
-def renderer_works(name: str) -> bool:
-    """Whether MuJoCo can open an offscreen context with MUJOCO_GL=name (checked in a child process)."""
-    probe = "import mujoco; context = mujoco.GLContext(16, 16); context.make_current(); context.free()"
-    env = {**os.environ, "MUJOCO_GL": name, "PYOPENGL_PLATFORM": name}
-    try:
-        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-
-
-def choose_renderer() -> str:
-    """MUJOCO_GL as given, else the first of EGL, OSMesa that works; exported for the workers."""
-    if os.environ.get("MUJOCO_GL"):
-        return os.environ["MUJOCO_GL"]
-    for name in ("egl", "osmesa"):
-        if renderer_works(name):
-            os.environ["MUJOCO_GL"] = name
-            os.environ["PYOPENGL_PLATFORM"] = name
-            return name
-    raise BackendError(f"MuJoCo found no offscreen renderer (tried EGL, OSMesa): {RENDERER_HINT}")
 
 
 # --- task catalog ------------------------------------------------------------
