@@ -660,7 +660,12 @@ class SimulatorServer:
 
     def answer_in_loop(self, session: Session, request: Request) -> bytes:
         if request.method == "list_tasks":
-            return ok_reply(request.request_id, tasks=self.catalog.list_tasks())
+            suite = request.fields.get("suite")
+            if suite is None:
+                return ok_reply(request.request_id, tasks=self.catalog.list_tasks())
+            if not isinstance(suite, str):
+                raise InvalidParams("suite must be a string")
+            return ok_reply(request.request_id, tasks=self.catalog.list_suite(suite))
         if request.method == "get_info":
             return ok_reply(request.request_id, **self.session_info(session))
         if request.method == "ping":

@@ -8,11 +8,13 @@ tests (at the end) run the real simulator on this machine's renderer.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -1123,3 +1125,49 @@ def test_robosuite_two_arm_task_gets_two_robots(robosuite_server):
     assert_error(client.request("load_task", task_name="Lift", robots="R2D2"), "invalid_params")
     client.request("disconnect")
     client.close()
+
+
+# --- evaluation runner -------------------------------------------------------
+
+def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_path):
+    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "10"}
+    doomed, survivor = ServerProcess("mock", env=env), ServerProcess("mock", env=env)
+    results_path = tmp_path / "results.json"
+    try:
+        killer = threading.Timer(1.5, doomed.process.kill)
+        killer.start()
+        evaluation = sim_client.Evaluation([doomed.address, survivor.address], sim_client.load_policy("random"),
+                                           ["reach_center", "reach_floor"], episodes=6, parallel=2,
+                                           results_path=str(results_path), video_dir=str(tmp_path / "videos"),
+                                           timeout_s=2.0)
+        results = evaluation.run()
+        killer.join()
+    finally:
+        doomed.stop()
+        survivor.stop()
+    assert sorted((r["task"], r["init_state_index"]) for r in results) == \
+        sorted((t, i) for t in ["reach_center", "reach_floor"] for i in range(6))
+    assert all(r["steps"] == 20 or r["success"] for r in results)
+    assert evaluation.retried, "the killed server's in-flight episodes must be retried"
+    assert any(r["attempts"] > 1 and r["address"] == survivor.address for r in results)
+    saved = json.loads(results_path.read_text())
+    assert len(saved["episodes"]) == 12 and saved["retried"]
+    assert all(os.path.exists(r["video"]) for r in results)
+    rows = sim_client.summarize(results)
+    assert rows[-1][0] == "overall" and rows[-1][1] == 12
+
+
+def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
+    results_path = str(tmp_path / "results.json")
+    arguments = ["eval", "--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3",
+                 "--results", results_path, "--chart", str(tmp_path / "chart.png")]
+    first = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "overall" in first.stdout and "reach_center" in first.stdout
+    arguments[arguments.index("3")] = "5"
+    second = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    episodes = json.loads(open(results_path).read())["episodes"]
+    assert [e["init_state_index"] for e in episodes] == [0, 1, 2, 3, 4]  # 0-2 were kept, not rerun

@@ -99,6 +99,11 @@ class SimulatorBackend(abc.ABC):
         list_tasks without starting a simulator process.
         """
 
+    def list_suite(self, suite: str) -> List[str]:
+        """Task names (as load_task takes them) of a named group of tasks, for backends that have
+        suites beside the default list (LIBERO). Raises TaskNotFound for an unknown suite."""
+        raise InvalidParams(f"the {self.name} backend has no task suites; call list_tasks without 'suite'")
+
     def check_task(self, task_name: str) -> None:
         """Raise TaskNotFound unless load_task would find `task_name`; cheap, no simulator.
 

@@ -159,6 +159,12 @@ class LiberoBackend(SimulatorBackend):
     def check_task(self, task_name: str) -> None:
         self.resolve(task_name)
 
+    def list_suite(self, suite: str) -> List[str]:
+        if suite not in _benchmark_module().get_benchmark_dict():
+            close = difflib.get_close_matches(suite, self.available_suites(), n=5)
+            raise TaskNotFound(f"no LIBERO suite {suite!r}; close matches: {close or list(STANDARD_SUITES)}")
+        return [f"{suite}/{name}" for name in self._suite(suite).get_task_names()]
+
     # Loading ----------------------------------------------------------------
 
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
