@@ -1171,3 +1171,53 @@ def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
     assert second.returncode == 0, second.stderr
     episodes = json.loads(open(results_path).read())["episodes"]
     assert [e["init_state_index"] for e in episodes] == [0, 1, 2, 3, 4]  # 0-2 were kept, not rerun
+
+
+# --- LIBERO evaluation conventions -------------------------------------------
+
+def load_convention(client, convention: str) -> dict:
+    task_name = libero_suite(LIBERO_SUITE).get_task_names()[0]
+    reply = client.request("load_task", task_name=task_name, convention=convention, **SMALL_CAMERA)
+    assert reply["status"] == "ok", reply
+    return reply["task_info"]
+
+
+def test_libero_openpi_convention_flips_images_and_adds_its_state(libero_session):
+    client, _ = libero_session
+    load_convention(client, "standard")
+    standard = client.request("reset", init_state_index=0)["observation"]
+    task_info = load_convention(client, "openpi")
+    assert (task_info["convention"], task_info["max_episode_steps"], task_info["settle_steps"],
+            task_info["seed"], task_info["flip_images"]) == ("openpi", 220, 10, 7, True)
+    openpi = client.request("reset", init_state_index=0)["observation"]
+    for camera in ("agentview_image", "robot0_eye_in_hand_image"):
+        assert np.array_equal(openpi[camera], standard[camera][::-1, ::-1])
+    quat = openpi["robot0_eef_quat"]
+    angle = 2 * np.arccos(np.clip(quat[3], -1, 1))
+    axis_angle = quat[:3] * angle / np.sqrt(1 - quat[3] ** 2)
+    expected = np.concatenate([openpi["robot0_eef_pos"], axis_angle, openpi["robot0_gripper_qpos"]])
+    assert openpi["state"].shape == (8,)
+    np.testing.assert_allclose(openpi["state"], expected, rtol=1e-9, atol=1e-12)
+    assert "state" in task_info["observation_spec"]
+
+
+def test_libero_lerobot_convention_uses_its_horizon_and_seed(libero_session):
+    client, _ = libero_session
+    task_info = load_convention(client, "lerobot")
+    assert (task_info["max_episode_steps"], task_info["settle_steps"], task_info["seed"]) == (280, 10, 1000)
+    observation = client.request("reset", init_state_index=0)["observation"]
+    assert "state" not in observation and client.request("reset")["info"]["seed"] == 1000
+
+
+def test_libero_raw_convention_is_libero_untouched(libero_session):
+    client, _ = libero_session
+    load_convention(client, "standard")
+    settled = client.request("reset", init_state_index=0, seed=0)["observation"]
+    task_info = load_convention(client, "raw")
+    assert (task_info["settle_steps"], task_info["seed"], task_info["max_episode_steps"]) == (0, 0, 1000)
+    raw = client.request("reset", init_state_index=0)["observation"]
+    assert set(raw) == set(settled) and "state" not in raw
+    assert not np.array_equal(raw["robot0_joint_vel"], settled["robot0_joint_vel"])  # no warm-up ran
+    assert_error(client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
+                                convention="mine"), "invalid_params")
+    load_convention(client, "standard")

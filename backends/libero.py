@@ -14,7 +14,8 @@ model instead, which gives the same fixture placement and robot state.
 
 Environment: SIM_LIBERO_TASK_SUITE (default suite of list_tasks),
 SIM_LIBERO_RENDER_WIDTH / _HEIGHT (camera size), SIM_LIBERO_MAX_EPISODE_STEPS
-(overrides the suite's horizon), SIM_LIBERO_SETTLE_STEPS, SIM_LIBERO_SEED.
+(overrides the suite's horizon), SIM_LIBERO_SETTLE_STEPS, SIM_LIBERO_SEED,
+SIM_LIBERO_CONVENTION (standard, openpi, lerobot or raw).
 """
 
 from __future__ import annotations
@@ -48,16 +49,34 @@ STANDARD_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10"
 # The horizons published LIBERO evaluations use (openpi's examples/libero/main.py).
 SUITE_HORIZONS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                   "libero_90": 400}
+# LeRobot's TASK_SUITE_MAX_STEPS (src/lerobot/envs/libero.py): spatial gets 280 there.
+LEROBOT_HORIZONS = {**SUITE_HORIZONS, "libero_spatial": 280}
 DEFAULT_HORIZON = 400
 # The standard evaluations open the gripper and wait this long for objects to settle.
 SETTLE_ACTION = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
-DEFAULT_SETTLE_STEPS = 10
-DEFAULT_SEED = 7  # openpi's env seed
+
+# An evaluation convention fixes what differs between published eval loops. The values and
+# where they come from are in README.md ("Evaluation conventions").
+CONVENTIONS = {
+    # Issue-3 defaults: the standard horizons and warm-up, LIBERO's observation untouched.
+    "standard": {"horizons": SUITE_HORIZONS, "settle_steps": 10, "seed": 7, "flip_images": False,
+                 "state": False},
+    # openpi examples/libero/main.py: seed 7, 10 waits, both images rotated 180 degrees,
+    # an 8-D state of eef position, eef axis-angle and the two gripper joint positions.
+    "openpi": {"horizons": SUITE_HORIZONS, "settle_steps": 10, "seed": 7, "flip_images": True, "state": True},
+    # LeRobot's LiberoEnv: its horizons, num_steps_wait=10, images as rendered, eval seed 1000.
+    "lerobot": {"horizons": LEROBOT_HORIZONS, "settle_steps": 10, "seed": 1000, "flip_images": False,
+                "state": False},
+    # LIBERO itself: no warm-up, no flip, only LIBERO's keys, robosuite's horizon of 1000.
+    "raw": {"horizons": {}, "default_horizon": 1000, "settle_steps": 0, "seed": 0, "flip_images": False,
+            "state": False},
+}
+DEFAULT_CONVENTION = "standard"
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 CONTROL_FREQ = 20
 ACTION_DIM = 7
 LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "flip_images", "max_episode_steps",
-                "settle_steps")
+                "settle_steps", "convention")
 
 
 # --- task catalog ------------------------------------------------------------
@@ -106,8 +125,10 @@ class LiberoBackend(SimulatorBackend):
         self.camera_width = env_int("SIM_LIBERO_RENDER_WIDTH", 256)
         self.camera_height = env_int("SIM_LIBERO_RENDER_HEIGHT", 256)
         self.max_steps_override = env_int("SIM_LIBERO_MAX_EPISODE_STEPS", None)
-        self.settle_steps_default = env_int("SIM_LIBERO_SETTLE_STEPS", DEFAULT_SETTLE_STEPS)
-        self.default_seed = env_int("SIM_LIBERO_SEED", DEFAULT_SEED)
+        self.settle_steps_override = env_int("SIM_LIBERO_SETTLE_STEPS", None)
+        self.seed_override = env_int("SIM_LIBERO_SEED", None)
+        self.default_convention = os.environ.get("SIM_LIBERO_CONVENTION", DEFAULT_CONVENTION)
+        self.previous_quat: Optional[np.ndarray] = None  # for a sign-continuous axis-angle state
         self._suites: Dict[str, Any] = {}
         self._complete_suites: Optional[List[str]] = None
         self.env = None
@@ -185,15 +206,23 @@ class LiberoBackend(SimulatorBackend):
         unknown = sorted(set(options) - set(LOAD_OPTIONS))
         if unknown:
             raise InvalidParams(f"unknown LIBERO load options {unknown}; options: {', '.join(LOAD_OPTIONS)}")
-        horizon = self.max_steps_override or SUITE_HORIZONS.get(suite_name, DEFAULT_HORIZON)
+        name = options.get("convention", self.default_convention)
+        if name not in CONVENTIONS:
+            raise InvalidParams(f"unknown convention {name!r}; conventions: {', '.join(CONVENTIONS)}")
+        convention = CONVENTIONS[name]
+        horizon = self.max_steps_override or convention["horizons"].get(
+            suite_name, convention.get("default_horizon", DEFAULT_HORIZON))
+        settle = convention["settle_steps"] if self.settle_steps_override is None else self.settle_steps_override
         settings = {
+            "convention": name,
             "camera_width": _bounded_int(options, "camera_width", self.camera_width, 8, 2048),
             "camera_height": _bounded_int(options, "camera_height", self.camera_height, 8, 2048),
             "max_episode_steps": _bounded_int(options, "max_episode_steps", horizon, 1, 100_000),
-            "settle_steps": _bounded_int(options, "settle_steps", self.settle_steps_default, 0, 1000),
-            "flip_images": bool(options.get("flip_images", False)),
+            "settle_steps": _bounded_int(options, "settle_steps", settle, 0, 1000),
+            "flip_images": bool(options.get("flip_images", convention["flip_images"])),
+            "state": convention["state"],
             "observation_keys": options.get("observation_keys"),
-            "seed": self.default_seed,
+            "seed": convention["seed"] if self.seed_override is None else self.seed_override,
         }
         keys = settings["observation_keys"]
         if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
@@ -233,7 +262,8 @@ class LiberoBackend(SimulatorBackend):
             "description": task["language"],
             "num_init_states": int(len(self.init_states)),
             "max_episode_steps": task["max_episode_steps"], "settle_steps": task["settle_steps"],
-            "seed": task["seed"], "flip_images": task["flip_images"],
+            "seed": task["seed"], "flip_images": task["flip_images"], "convention": task["convention"],
+            "state_vector": "eef_pos + eef_axis_angle + gripper_qpos" if task["state"] else None,
             "cameras": list(CAMERAS), "image_size": [task["camera_height"], task["camera_width"]],
             "control_freq": CONTROL_FREQ,
             "action_spec": {"action": action_spec}, "action_space": action_spec,
@@ -269,6 +299,7 @@ class LiberoBackend(SimulatorBackend):
             robosuite_env.hard_reset = True
             self.env.reset()  # rebuilds the observables, so nothing to blank here
             self.model_seed = seed
+        self.previous_quat = None
         observation = self.env.set_init_state(self.init_states[index])
         if self.task["settle_steps"] > 0:
             with cameras_blanked(robosuite_env):  # nobody sees these frames: skip rendering them
@@ -288,7 +319,10 @@ class LiberoBackend(SimulatorBackend):
         return self._present(observation), float(reward), success, truncated, info
 
     def _present(self, observation: Observation) -> Observation:
-        """LIBERO's observation, narrowed to the asked keys and turned upright if asked."""
+        """LIBERO's observation, plus the convention's state vector, narrowed to the asked keys
+        and turned upright if asked."""
+        if self.task.get("state"):
+            observation = {**observation, "state": self._state_vector(observation)}
         keys = self.task.get("observation_keys")
         if keys is not None:
             missing = sorted(set(keys) - set(observation))
@@ -300,6 +334,16 @@ class LiberoBackend(SimulatorBackend):
                            for key, value in observation.items()}
         return dict(observation)
 
+    def _state_vector(self, observation: Observation) -> np.ndarray:
+        """openpi's 8-D state; the quaternion keeps the sign nearest the last step's, so the
+        axis-angle does not jump between the two quaternions of one rotation."""
+        quat = np.asarray(observation["robot0_eef_quat"], dtype=np.float64)
+        if self.previous_quat is not None and np.dot(quat, self.previous_quat) < 0:
+            quat = -quat
+        self.previous_quat = quat
+        return np.concatenate([observation["robot0_eef_pos"], quat_to_axis_angle(quat),
+                               observation["robot0_gripper_qpos"]])
+
     # Lifetime ---------------------------------------------------------------
 
     def get_info(self) -> Dict[str, Any]:
@@ -309,6 +353,15 @@ class LiberoBackend(SimulatorBackend):
         env, self.env, self.env_key = self.env, None, None
         if env is not None:
             env.close()
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """Axis-angle (3,) of an (x, y, z, w) quaternion, as robosuite's transform utils compute it."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    sine = np.sqrt(1.0 - w * w)
+    if np.isclose(sine, 0.0):
+        return np.zeros(3)
+    return quat[:3] * 2.0 * np.arccos(w) / sine
 
 
 @contextlib.contextmanager
