@@ -623,12 +623,17 @@ def test_client_cli_runs_the_lifecycle(mock_server):
 def test_client_runs_on_python_38_syntax():
     import ast
     source = open(os.path.join(HERE, "sim_client.py")).read()
-    ast.parse(source, feature_version=(3, 8))
-    imports = {node.names[0].name.split(".")[0] for node in ast.walk(ast.parse(source))
-               if isinstance(node, ast.Import)}
-    imports |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
-                if isinstance(node, ast.ImportFrom) and node.module}
-    assert imports - set(sys.stdlib_module_names) == {"msgpack", "numpy", "zmq"}
+    tree = ast.parse(source, feature_version=(3, 8))
+    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+                 for alias in node.names}
+    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert top_level - set(sys.stdlib_module_names) - {"__future__"} == {"msgpack", "numpy", "zmq"}
+    everywhere = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                  for alias in node.names}
+    everywhere |= {node.module.split(".")[0] for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and node.module}
+    optional = everywhere - top_level - set(sys.stdlib_module_names)
+    assert optional == {"tqdm", "imageio", "matplotlib"}  # each imported inside a try: ... except ImportError
 
 
 # --- LIBERO: the real simulator, rendered on this machine --------------------
