@@ -40,6 +40,15 @@ DEFAULT_TIMEOUT_S = 120.0
 # A reply can carry two camera images and more; the client trusts its server, within reason.
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
 
+# A timed-out call is re-sent (same request_id, same session) this many times.
+DEFAULT_RETRIES = 2
+
+
+def new_identity() -> bytes:
+    """A routing identity the server lets survive reconnects: 128 random bits, never a leading zero."""
+    return b"sic-" + os.urandom(16)
+
+
 # --- errors ------------------------------------------------------------------
 
 
@@ -129,17 +138,22 @@ def decode(body: bytes) -> Dict[str, Any]:
 class SimulatorClient:
     """One session on a simulator server: numpy in, numpy out.
 
-    Every call waits at most `timeout_s` (load_task gets `load_timeout_s`) and
-    then raises ServerTimeout. After a timeout the socket is closed and a new
-    one opened (zguide's Lazy Pirate pattern): the new socket has a new
-    identity, which the server sees as a new session, so the task must be
-    loaded again. Every request carries a fresh request_id and replies to
-    older requests are dropped, so a late reply is never taken for a new one.
+    The session is named by a random 128-bit routing identity chosen here, which
+    the server treats as a capability: whoever presents it owns the session (and,
+    with CURVE, only with the same client key). When a call gets no reply within
+    `timeout_s` (load_task: `load_timeout_s`), the socket is closed and reopened
+    with the same identity (zguide's Lazy Pirate pattern) and the same request,
+    with the same request_id, is sent again, up to `retries` times. The server
+    answers a repeated request_id from its reply cache, or once the running one
+    ends, so a retried step never runs twice and the session survives the
+    reconnect. After the last retry the call raises ServerTimeout; the session is
+    still there if the server is. `new_session()` starts afresh. Replies to older
+    requests are dropped, so a late reply is never taken for a newer one.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = DEFAULT_TIMEOUT_S,
                  load_timeout_s: Optional[float] = None, server_key: Optional[str] = None,
-                 client_key: Optional[str] = None) -> None:
+                 client_key: Optional[str] = None, retries: int = DEFAULT_RETRIES) -> None:
         """`server_key`: the server's public key file (server.key) when it runs CURVE;
         `client_key`: this client's secret key file (client.key_secret), whose public half
         the server must list. `sim_server.py --gen-keys DIR` writes both."""
@@ -147,6 +161,8 @@ class SimulatorClient:
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s if load_timeout_s is not None else max(timeout_s, 300.0)
         self._curve = _load_curve_keys(server_key, client_key)
+        self.retries = retries
+        self.identity = new_identity()
         self.task_info = None  # type: Optional[Dict[str, Any]]
         self._request_ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self._context = zmq.Context.instance()
@@ -158,6 +174,7 @@ class SimulatorClient:
     def _connect(self) -> None:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IDENTITY, self.identity)
         # A DEALER with no live connection blocks on send (e.g. after a refused CURVE handshake).
         self._socket.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
         if self._curve is not None:
@@ -171,12 +188,24 @@ class SimulatorClient:
         self._socket.close(linger=0)
         self._connect()
 
+    def new_session(self) -> None:
+        """Leave the current session to the server's reaper and start a new one."""
+        self.identity = new_identity()
+        self.task_info = None
+        self._reconnect()
+
     def call(self, method: str, timeout_s: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
         """Send one request and return the reply's fields, or raise its typed error."""
         request_id = next(self._request_ids)
-        message = dict(fields, method=method, request_id=request_id)
-        self._send(encode(message), method)
-        reply = self._wait_for_reply(request_id, timeout_s or self.timeout_s, method)
+        body = encode(dict(fields, method=method, request_id=request_id))
+        for attempt in range(self.retries + 1):
+            try:
+                self._send(body, method)
+                reply = self._wait_for_reply(request_id, timeout_s or self.timeout_s, method)
+                break
+            except ServerTimeout:
+                if attempt == self.retries:
+                    raise
         if reply.get("status") != "ok":
             error_class = ERROR_CLASSES.get(reply.get("error_type"), ServerError)
             raise error_class(reply.get("message", "no message"))
@@ -218,8 +247,8 @@ class SimulatorClient:
         keys = (" or it refused our CURVE keys (check server_key, and that the server lists our public key)"
                 if self._curve is not None else "")
         raise ServerTimeout(
-            f"no reply to {method}{detail} from {self.address} within {waited_s:.1f} s: the server is down, "
-            f"overloaded or unreachable{keys}; the next call opens a new session")
+            f"no reply to {method}{detail} from {self.address} within {waited_s:.1f} s (try {self.retries + 1} "
+            f"times in all): the server is down, overloaded or unreachable{keys}")
 
     # The protocol's methods -------------------------------------------------
 

@@ -505,10 +505,8 @@ class Pending:
 
 @dataclass
 class Session:
-    key: bytes  # the session table's key: see session_key()
     identity: bytes
     session_id: str
-    connection_fd: Optional[int] = None
     client_key: Optional[str] = None  # the CURVE public key that opened it
     last_active: float = field(default_factory=time.monotonic)
     worker: Optional[Worker] = None
@@ -521,19 +519,6 @@ class Session:
 def new_session_id() -> str:
     return uuid.uuid4().hex[:12]
 
-
-# A client-chosen routing id this long is an unguessable bearer capability (THREATS.md), so its
-# session survives reconnects. Shorter ids, and libzmq's own 5-byte ids (leading zero byte),
-# could be guessed or claimed: their sessions are bound to the connection they came on.
-RESUMABLE_ID_BYTES = 16
-
-
-def is_resumable(identity: bytes) -> bool:
-    return len(identity) >= RESUMABLE_ID_BYTES and identity[0] != 0
-
-
-def session_key(identity: bytes, connection_fd: Optional[int]) -> bytes:
-    return identity if is_resumable(identity) else identity + b"#" + str(connection_fd).encode()
 
 
 # --- poll loop and dispatch --------------------------------------------------
@@ -626,24 +611,20 @@ class SimulatorServer:
                 frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            fd, user_id = self._connection_of(frames[-1])
-            self.handle_frames([frame.bytes for frame in frames], fd, user_id)
+            self.handle_frames([frame.bytes for frame in frames], self._client_key_of(frames[-1]))
 
-    def _connection_of(self, frame: zmq.Frame) -> Tuple[Optional[int], Optional[str]]:
-        """(socket fd of the connection, CURVE public key of the client) a message came on."""
+    def _client_key_of(self, frame: zmq.Frame) -> Optional[str]:
+        """The CURVE public key of the client a message came from (None without CURVE)."""
+        if self.authenticator is None:
+            return None
         try:
-            fd = frame.get(zmq.SRCFD)
+            return frame.get("User-Id")
         except zmq.ZMQError:
-            fd = None
-        try:
-            user_id = frame.get("User-Id") if self.authenticator is not None else None
-        except zmq.ZMQError:
-            user_id = None
-        return fd, user_id
+            return None
 
     # Requests ---------------------------------------------------------------
 
-    def handle_frames(self, frames: List[bytes], fd: Optional[int] = None, user_id: Optional[str] = None) -> None:
+    def handle_frames(self, frames: List[bytes], user_id: Optional[str] = None) -> None:
         """Split the ZMQ envelope from the body and answer the request, in every frame shape."""
         identity = frames[0]
         if len(frames) == 2:  # DEALER that sends no empty delimiter
@@ -655,13 +636,13 @@ class SimulatorServer:
             self.send(envelope_for_odd(frames), error_reply(None, "invalid_params", "a request is one body frame, "
                       "optionally after one empty delimiter frame"))
             return
-        key = session_key(identity, fd)
-        session = self.sessions.get(key)
+        session = self.sessions.get(identity)
         if session is None:
-            session = self._open_session(key, identity, fd, user_id)
+            session = self._open_session(identity, user_id)
         elif session.client_key != user_id:
             log.warning("session %s: refused a request from another CURVE key", session.session_id)
-            self.send(envelope, error_reply(None, "invalid_params", "this session was opened by another client key"))
+            self.send(envelope, error_reply(request_id_of(body), "invalid_params",
+                                            "this session was opened by another client key"))
             return
         session.last_active = time.monotonic()
         try:
@@ -678,10 +659,9 @@ class SimulatorServer:
             log.exception("internal error answering %s", request.method)
             self.send(envelope, error_reply(request.request_id, "internal_error", "the server failed; see its log"))
 
-    def _open_session(self, key: bytes, identity: bytes, fd: Optional[int], user_id: Optional[str]) -> Session:
-        session = Session(key=key, identity=identity, session_id=new_session_id(), connection_fd=fd,
-                          client_key=user_id)
-        self.sessions[key] = session
+    def _open_session(self, identity: bytes, user_id: Optional[str]) -> Session:
+        session = Session(identity=identity, session_id=new_session_id(), client_key=user_id)
+        self.sessions[identity] = session
         log.info("session %s started", session.session_id)
         return session
 
@@ -851,7 +831,7 @@ class SimulatorServer:
             else:
                 worker.begin_close()
                 self.closing_workers.append(worker)
-        self.sessions.pop(session.key, None)
+        self.sessions.pop(session.identity, None)
         log.info("session %s ended: %s", session.session_id, why)
 
     def _finish_closing_workers(self) -> None:

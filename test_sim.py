@@ -608,7 +608,7 @@ def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
     sim.reset()
     with pytest.raises(sim_client.ServerTimeout):
         sim.step(ZERO_ACTION)
-    tasks = sim.list_tasks()  # the new socket is a new session; the old step's reply is never seen
+    tasks = sim.list_tasks()  # the step's late reply reaches this socket and is dropped
     assert tasks == ["reach_center", "reach_corner", "reach_floor"]
     sim.disconnect()
 
@@ -862,7 +862,7 @@ def test_curve_admits_only_listed_client_keys(curve_keys):
             assert not plain.socket.poll(1500)
             plain.close()
             intruder = sim_client.SimulatorClient(server.address, timeout_s=1.5, server_key=keys["server_key"],
-                                                  client_key=str(stranger / "client.key_secret"))
+                                                  client_key=str(stranger / "client.key_secret"), retries=0)
             with pytest.raises(sim_client.ServerTimeout, match="CURVE keys"):
                 intruder.load_task("reach_center")
             intruder.disconnect()
@@ -1226,3 +1226,76 @@ def test_libero_raw_convention_is_libero_untouched(libero_session):
     assert_error(client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
                                 convention="mine"), "invalid_params")
     load_convention(client, "standard")
+
+
+# --- exactly-once steps across reconnects ------------------------------------
+
+def test_client_resumes_its_session_across_dropped_connections_without_losing_a_step(mock_server):
+    actions = np.random.default_rng(8).uniform(-1, 1, (3, 7))
+    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as reference:
+        reference.load_task("reach_corner")
+        reference.reset(init_state_index=3)
+        expected = [reference.step(a) for a in actions]
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.4, retries=6)
+    try:
+        sim.load_task("reach_corner", step_sleep_s=1.0)  # every step outlasts a timeout: the socket is rebuilt
+        sim.reset(init_state_index=3)
+        session_id = sim.get_info()["session_id"]
+        results = [sim.step(a) for a in actions]
+        assert [r["info"]["step"] for r in results] == [1, 2, 3]  # none lost, none repeated
+        assert_same_observations([r["observation"] for r in results], [e["observation"] for e in expected])
+        assert sim.get_info()["session_id"] == session_id
+    finally:
+        sim.disconnect()
+
+
+def test_a_second_connection_presenting_a_live_sessions_identity_gets_nothing(mock_server):
+    identity = sim_client.new_identity()
+    sockets = []
+    for _ in range(2):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(mock_server.address)
+        sockets.append(sock)
+    victim, thief = RawClient.__new__(RawClient), RawClient.__new__(RawClient)
+    victim.socket, victim.delimiter = sockets[0], True
+    thief.socket, thief.delimiter = sockets[1], True
+    try:
+        victim.request("load_task", task_name="reach_center")
+        thief.send_body(sim_client.encode({"method": "get_info"}))
+        assert not thief.socket.poll(1500)  # libzmq refuses a duplicate routing id (no ROUTER_HANDOVER)
+        assert victim.request("get_info")["current_task"] == "reach_center"
+    finally:
+        victim.request("disconnect")
+        victim.close()
+        thief.close()
+
+
+def test_curve_session_stays_with_the_key_that_opened_it(curve_keys, tmp_path):
+    folder, allowed, stranger = curve_keys
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "client.key").write_bytes((folder / "client.key").read_bytes())
+    (both / "stranger.key").write_bytes((stranger / "client.key").read_bytes())
+    victim_keys = {"server_key": str(folder / "server.key"), "client_key": str(folder / "client.key_secret")}
+    other_keys = {"server_key": str(folder / "server.key"), "client_key": str(stranger / "client.key_secret")}
+    server = ServerProcess("mock", "--curve-secret-key", str(folder / "server.key_secret"), "--curve-clients",
+                           str(both), env={"SIM_MOCK_IMAGE_SIZE": "8"}, probe_keys=victim_keys)
+    try:
+        victim = sim_client.SimulatorClient(server.address, timeout_s=5, **victim_keys)
+        victim.load_task("reach_center")
+        victim._socket.close(linger=0)
+        time.sleep(0.3)
+        thief = sim_client.SimulatorClient(server.address, timeout_s=5, **other_keys)
+        thief.identity = victim.identity  # presents the victim's capability with another key
+        thief._reconnect()
+        with pytest.raises(sim_client.InvalidParams, match="another client key"):
+            thief.get_info()
+        thief._socket.close(linger=0)
+        time.sleep(0.3)
+        victim._connect()
+        assert victim.get_info()["current_task"] == "reach_center"
+        victim.disconnect()
+    finally:
+        server.stop()
