@@ -1135,14 +1135,15 @@ def test_robosuite_two_arm_task_gets_two_robots(robosuite_server):
 # --- evaluation runner -------------------------------------------------------
 
 def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_path):
-    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "10"}
+    # 20 episodes of about 0.4 s over 2 sessions: the kill at 1.5 s lands mid-run.
+    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "20"}
     doomed, survivor = ServerProcess("mock", env=env), ServerProcess("mock", env=env)
     results_path = tmp_path / "results.json"
     try:
         killer = threading.Timer(1.5, doomed.process.kill)
         killer.start()
         evaluation = sim_client.Evaluation([doomed.address, survivor.address], sim_client.load_policy("random"),
-                                           ["reach_center", "reach_floor"], episodes=6, parallel=2,
+                                           ["reach_center", "reach_floor"], episodes=10, parallel=2,
                                            results_path=str(results_path), video_dir=str(tmp_path / "videos"),
                                            timeout_s=2.0)
         results = evaluation.run()
@@ -1151,15 +1152,15 @@ def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_
         doomed.stop()
         survivor.stop()
     assert sorted((r["task"], r["init_state_index"]) for r in results) == \
-        sorted((t, i) for t in ["reach_center", "reach_floor"] for i in range(6))
+        sorted((t, i) for t in ["reach_center", "reach_floor"] for i in range(10))
     assert all(r["steps"] == 20 or r["success"] for r in results)
     assert evaluation.retried, "the killed server's in-flight episodes must be retried"
     assert any(r["attempts"] > 1 and r["address"] == survivor.address for r in results)
     saved = json.loads(results_path.read_text())
-    assert len(saved["episodes"]) == 12 and saved["retried"]
+    assert len(saved["episodes"]) == 20 and saved["retried"]
     assert all(os.path.exists(r["video"]) for r in results)
     rows = sim_client.summarize(results)
-    assert rows[-1][0] == "overall" and rows[-1][1] == 12
+    assert rows[-1][0] == "overall" and rows[-1][1] == 20
 
 
 def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
