@@ -829,6 +829,10 @@ def test_libero_success_predicate_terminates_the_episode(monkeypatch):
             if terminated:
                 break
         assert terminated and info["success"] and reward > 0 and not truncated
+        assert "mujoco_warnings" not in info
+        sim.data.qvel[0] = np.nan  # a broken state MuJoCo would silently reset
+        info = backend.step({"action": np.zeros(7)})[4]
+        assert info["mujoco_warnings"].get("mjWARN_BADQVEL", 0) >= 1
     finally:
         backend.close()
 

@@ -311,12 +311,26 @@ class LiberoBackend(SimulatorBackend):
 
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
         move = require_action(action, "action", (ACTION_DIM,))
+        warnings_before = self._warning_counts()
         observation, reward, done, _ = self.env.step(move)
         self.steps += 1
         success = bool(done)
         truncated = self.steps >= self.task["max_episode_steps"] and not success
         info = {"success": success, "step": self.steps}
+        new_warnings = self._new_warnings(warnings_before)
+        if new_warnings:  # MuJoCo goes on after bad states, silently changed (THREATS.md): say so
+            info["mujoco_warnings"] = new_warnings
         return self._present(observation), float(reward), success, truncated, info
+
+    def _warning_counts(self) -> List[int]:
+        return [int(warning.number) for warning in self.env.env.sim.data._data.warning]
+
+    def _new_warnings(self, before: List[int]) -> Dict[str, int]:
+        import mujoco
+
+        after = self._warning_counts()
+        return {mujoco.mjtWarning(index).name: now - then
+                for index, (then, now) in enumerate(zip(before, after)) if now != then}
 
     def _present(self, observation: Observation) -> Observation:
         """LIBERO's observation, plus the convention's state vector, narrowed to the asked keys
