@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import glob
+import itertools
 import logging
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ import msgpack
 import numpy as np
 import zmq
 import zmq.auth
+import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from backends import available_backends, get_backend
@@ -505,8 +507,10 @@ class Pending:
 
 @dataclass
 class Session:
+    key: bytes  # the session table's key: see session_key()
     identity: bytes
     session_id: str
+    connection: Optional[int] = None  # number of the TCP connection that opened it
     client_key: Optional[str] = None  # the CURVE public key that opened it
     last_active: float = field(default_factory=time.monotonic)
     worker: Optional[Worker] = None
@@ -518,6 +522,20 @@ class Session:
 
 def new_session_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+# A client-chosen routing id this long is an unguessable bearer capability (THREATS.md), so its
+# session survives reconnects. Shorter ids, and libzmq's own 5-byte ids (leading zero byte),
+# could be guessed or claimed: their sessions live and die with the connection that opened them.
+RESUMABLE_ID_BYTES = 16
+
+
+def is_resumable(identity: bytes) -> bool:
+    return len(identity) >= RESUMABLE_ID_BYTES and identity[0] != 0
+
+
+def session_key(identity: bytes, connection: Optional[int]) -> bytes:
+    return identity if is_resumable(identity) else identity + b"#" + str(connection).encode()
 
 
 
@@ -539,6 +557,12 @@ class SimulatorServer:
         self.frontend = self._bind_frontend()
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
+        # Which TCP connection each message came on. libzmq reuses fds, so every accepted
+        # connection gets a number; events are read before each message, which keeps them in order.
+        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.connections: Dict[int, int] = {}  # fd -> connection number
+        self.connection_numbers = itertools.count(1)
         self.worker_sessions: Dict[int, Session] = {}  # pipe fd -> session
 
     def _bind_frontend(self) -> zmq.Socket:
@@ -583,6 +607,8 @@ class SimulatorServer:
         next_reap = time.monotonic()
         while not self.stopping:
             ready = dict(self.poller.poll(self._poll_timeout_ms()))
+            if ready.get(self.monitor):
+                self._read_connection_events()
             if ready.get(self.frontend):
                 self._drain_frontend()
             for fd in [fd for fd in ready if isinstance(fd, int)]:
@@ -611,7 +637,35 @@ class SimulatorServer:
                 frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle_frames([frame.bytes for frame in frames], self._client_key_of(frames[-1]))
+            self.handle_frames([frame.bytes for frame in frames], self._connection_of(frames[-1]),
+                               self._client_key_of(frames[-1]))
+
+    def _read_connection_events(self) -> None:
+        """Number new connections, and end the sessions bound to a closed one."""
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = event["value"]
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.connections[fd] = next(self.connection_numbers)
+            elif event["event"] == zmq.EVENT_DISCONNECTED and fd in self.connections:
+                number = self.connections.pop(fd)
+                for session in list(self.sessions.values()):
+                    if session.connection == number and not is_resumable(session.identity):
+                        self.end_session(session, "its connection closed")
+
+    def _connection_of(self, frame: zmq.Frame) -> Optional[int]:
+        """The number of the connection a message came on (its events are read first)."""
+        self._read_connection_events()
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return None
+        if fd not in self.connections:  # not seen in tests; number it rather than guess
+            self.connections[fd] = next(self.connection_numbers)
+        return self.connections[fd]
 
     def _client_key_of(self, frame: zmq.Frame) -> Optional[str]:
         """The CURVE public key of the client a message came from (None without CURVE)."""
@@ -624,7 +678,8 @@ class SimulatorServer:
 
     # Requests ---------------------------------------------------------------
 
-    def handle_frames(self, frames: List[bytes], user_id: Optional[str] = None) -> None:
+    def handle_frames(self, frames: List[bytes], connection: Optional[int] = None,
+                      user_id: Optional[str] = None) -> None:
         """Split the ZMQ envelope from the body and answer the request, in every frame shape."""
         identity = frames[0]
         if len(frames) == 2:  # DEALER that sends no empty delimiter
@@ -636,9 +691,10 @@ class SimulatorServer:
             self.send(envelope_for_odd(frames), error_reply(None, "invalid_params", "a request is one body frame, "
                       "optionally after one empty delimiter frame"))
             return
-        session = self.sessions.get(identity)
+        key = session_key(identity, connection)
+        session = self.sessions.get(key)
         if session is None:
-            session = self._open_session(identity, user_id)
+            session = self._open_session(key, identity, connection, user_id)
         elif session.client_key != user_id:
             log.warning("session %s: refused a request from another CURVE key", session.session_id)
             self.send(envelope, error_reply(request_id_of(body), "invalid_params",
@@ -659,9 +715,11 @@ class SimulatorServer:
             log.exception("internal error answering %s", request.method)
             self.send(envelope, error_reply(request.request_id, "internal_error", "the server failed; see its log"))
 
-    def _open_session(self, identity: bytes, user_id: Optional[str]) -> Session:
-        session = Session(identity=identity, session_id=new_session_id(), client_key=user_id)
-        self.sessions[identity] = session
+    def _open_session(self, key: bytes, identity: bytes, connection: Optional[int],
+                      user_id: Optional[str]) -> Session:
+        session = Session(key=key, identity=identity, session_id=new_session_id(), connection=connection,
+                          client_key=user_id)
+        self.sessions[key] = session
         log.info("session %s started", session.session_id)
         return session
 
@@ -831,7 +889,7 @@ class SimulatorServer:
             else:
                 worker.begin_close()
                 self.closing_workers.append(worker)
-        self.sessions.pop(session.identity, None)
+        self.sessions.pop(session.key, None)
         log.info("session %s ended: %s", session.session_id, why)
 
     def _finish_closing_workers(self) -> None:
@@ -845,6 +903,8 @@ class SimulatorServer:
         while self.closing_workers:
             self._finish_closing_workers()
             time.sleep(0.05)
+        self.frontend.disable_monitor()
+        self.monitor.close(linger=0)
         self.frontend.close(linger=0)
         if self.authenticator is not None:
             self.authenticator.stop()

@@ -1277,6 +1277,29 @@ def test_a_second_connection_presenting_a_live_sessions_identity_gets_nothing(mo
         thief.close()
 
 
+@pytest.mark.parametrize("identity", [b"victim-1", b"\x00\x12\x34\x56\x78"])
+def test_guessable_identities_are_not_resumable_by_another_connection(mock_server, identity):
+    """Short client-chosen ids and libzmq-style ids (leading zero) live and die with their connection."""
+    def connect() -> RawClient:
+        client = RawClient.__new__(RawClient)
+        client.socket, client.delimiter = zmq.Context.instance().socket(zmq.DEALER), True
+        client.socket.setsockopt(zmq.LINGER, 0)
+        client.socket.setsockopt(zmq.IDENTITY, identity)
+        client.socket.connect(mock_server.address)
+        return client
+
+    victim = connect()
+    victim.request("load_task", task_name="reach_center")
+    victim_info = victim.request("get_info")
+    victim.close()
+    assert wait_until(lambda: not pid_alive(victim_info["sim_pid"]))  # its session ended with the connection
+    attacker = connect()
+    info = attacker.request("get_info")
+    assert info["session_id"] != victim_info["session_id"] and info["current_task"] is None
+    attacker.request("disconnect")
+    attacker.close()
+
+
 def test_curve_session_stays_with_the_key_that_opened_it(curve_keys, tmp_path):
     folder, allowed, stranger = curve_keys
     both = tmp_path / "both"
