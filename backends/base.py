@@ -12,6 +12,7 @@ import abc
 import os
 import subprocess
 import sys
+from importlib import metadata
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -207,3 +208,14 @@ def choose_renderer() -> str:
             os.environ["PYOPENGL_PLATFORM"] = name
             return name
     raise BackendError(f"MuJoCo found no offscreen renderer (tried EGL, OSMesa): {RENDERER_HINT}")
+
+
+def package_versions(*packages: str) -> str:
+    """"name version" of each installed package, comma separated: a backend_version string."""
+    found = []
+    for package in packages:
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found) or "unknown"

