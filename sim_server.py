@@ -546,8 +546,8 @@ class SimulatorServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.backend_class = get_backend(config.simulator)
-        self.catalog = self.backend_class()  # answers list_tasks and get_info without a simulator
+        self.catalog = get_backend(config.simulator)()  # answers list_tasks and get_info without a simulator
+        self.backend_info = self.catalog.get_info()  # static: read once, not per get_info
         self.sessions: Dict[bytes, Session] = {}
         self.closing_workers: List[Worker] = []
         self.started = time.monotonic()
@@ -688,7 +688,7 @@ class SimulatorServer:
             envelope, body = [identity, b""], frames[2]
         else:
             log.debug("refusing a %d-frame message", len(frames))
-            self.send(envelope_for_odd(frames), error_reply(None, "invalid_params", "a request is one body frame, "
+            self.send([identity, b""], error_reply(None, "invalid_params", "a request is one body frame, "
                       "optionally after one empty delimiter frame"))
             return
         key = session_key(identity, connection)
@@ -748,7 +748,7 @@ class SimulatorServer:
         return ok_reply(request.request_id)
 
     def session_info(self, session: Session) -> Dict[str, Any]:
-        backend = self.catalog.get_info()
+        backend = self.backend_info
         return {
             "backend_name": backend.get("backend_name", self.config.simulator),
             "backend_version": backend.get("backend_version", "unknown"),
@@ -937,10 +937,6 @@ def check_curve_config(config: Config) -> Optional[str]:
     if not os.path.isdir(config.curve_clients):
         return f"--curve-clients {config.curve_clients!r} must be a folder of allowed client .key files"
     return None
-
-
-def envelope_for_odd(frames: List[bytes]) -> List[bytes]:
-    return [frames[0], b""]
 
 
 def reply_is_ok(body: bytes) -> bool:

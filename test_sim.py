@@ -622,7 +622,8 @@ def test_client_cli_runs_the_lifecycle(mock_server):
 
 def test_client_runs_on_python_38_syntax():
     import ast
-    source = open(os.path.join(HERE, "sim_client.py")).read()
+    with open(os.path.join(HERE, "sim_client.py")) as client_file:
+        source = client_file.read()
     tree = ast.parse(source, feature_version=(3, 8))
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
                  for alias in node.names}
@@ -1179,7 +1180,8 @@ def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
     second = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True,
                             text=True, timeout=120)
     assert second.returncode == 0, second.stderr
-    episodes = json.loads(open(results_path).read())["episodes"]
+    with open(results_path) as results_file:
+        episodes = json.load(results_file)["episodes"]
     assert [e["init_state_index"] for e in episodes] == [0, 1, 2, 3, 4]  # 0-2 were kept, not rerun
 
 

@@ -28,7 +28,6 @@ from backends.base import (
     Observation,
     SimulatorBackend,
     StepResult,
-    TaskNotFound,
     array_spec,
     choose_renderer,
     observation_spec_of,
@@ -168,11 +167,6 @@ class RobosuiteBackend(SimulatorBackend):
         env, self.env = self.env, None
         if env is not None:
             env.close()
-
-    def check_task(self, task_name: str) -> None:
-        names = self.list_tasks()
-        if task_name not in names:
-            raise TaskNotFound(f"no robosuite environment {task_name!r}; environments: {', '.join(names)}")
 
 
 register_backend("robosuite", RobosuiteBackend)
