@@ -391,6 +391,9 @@ def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy, index: 
 
 
 MAX_UNLIMITED_STEPS = 10000  # for environments that set no episode limit
+# The task_info fields that decide a score, kept in the results file beside the episodes.
+TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "flip_images", "state_vector",
+                   "image_size", "simulator_stack", "renderer")
 MAX_ATTEMPTS = 3  # an episode whose server died is retried elsewhere at most this often
 
 
@@ -416,6 +419,8 @@ class Evaluation:
         self.total = len(self.jobs)
         self.retried: List[Dict[str, Any]] = []
         self.dead_addresses: set = set()
+        self.servers: Dict[str, Dict[str, Any]] = {}  # address -> its get_info
+        self.task_settings: Dict[str, Dict[str, Any]] = {}  # task -> its TASK_PROVENANCE fields
         self.lock = threading.Lock()
         self.progress = Progress(self.total)
 
@@ -457,8 +462,11 @@ class Evaluation:
                 if sim is None or sim.address != address:
                     sim = SimulatorClient(address, timeout_s=self.timeout_s, **self.keys)
                     task = None
+                    self._note_server(address, sim)
                 if job[0] != task:
                     task_info, task = sim.load_task(job[0], **self.load_options), job[0]
+                    with self.lock:
+                        self.task_settings[task] = {key: task_info[key] for key in TASK_PROVENANCE if key in task_info}
                 record = run_episode(sim, task_info, self.policy, job[1], self._record_key(task_info))
                 record.update(task=job[0], address=address, attempts=job[2] + 1)
                 self._finish(record)
@@ -468,6 +476,14 @@ class Evaluation:
                         self.dead_addresses.add(address)
                 sim, task = None, None
                 self._give_back(job, f"{type(error).__name__} on {address}: {error}")
+
+    def _note_server(self, address: str, sim: SimulatorClient) -> None:
+        if address not in self.servers:
+            info = sim.get_info()
+            for key in ("session_id", "current_task", "sim_pid", "active_sessions", "simulator_sessions"):
+                info.pop(key, None)  # this session's, not the server's
+            with self.lock:
+                self.servers[address] = info
 
     def _give_back(self, job: list, why: str) -> None:
         job[2] += 1
@@ -498,8 +514,9 @@ class Evaluation:
             return
         temporary = self.results_path + ".tmp"
         with open(temporary, "w") as results_file:
-            json.dump({"addresses": self.addresses, "tasks": self.tasks, "retried": self.retried,
-                       "episodes": self.results}, results_file, indent=1)
+            json.dump({"addresses": self.addresses, "servers": self.servers, "tasks": self.tasks,
+                       "task_settings": self.task_settings, "retried": self.retried, "episodes": self.results},
+                      results_file, indent=1)
         os.replace(temporary, self.results_path)
 
 

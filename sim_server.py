@@ -72,6 +72,8 @@ MAX_CHUNK = 256
 # Methods a session's worker process answers; everything else the loop answers.
 SIMULATOR_METHODS = ("load_task", "reset", "step")
 LOOP_METHODS = ("list_tasks", "get_info", "ping", "disconnect")
+# What a backend's get_info may add to the server's: the simulator stack and renderer in use.
+PROVENANCE_KEYS = ("simulator_stack", "renderer")
 # ZMTP heartbeats free half-open connections (THREATS.md: a frozen peer).
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
@@ -760,6 +762,7 @@ class SimulatorServer:
             "simulator_sessions": self.simulator_session_count(),
             "max_sessions": self.config.max_sessions,
             "uptime_s": round(time.monotonic() - self.started, 3),
+            **{key: backend[key] for key in PROVENANCE_KEYS if key in backend},
         }
 
     def simulator_session_count(self) -> int:

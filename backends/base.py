@@ -9,7 +9,9 @@ numpy arrays.
 from __future__ import annotations
 
 import abc
+import json
 import os
+import platform
 import subprocess
 import sys
 from importlib import metadata
@@ -61,6 +63,12 @@ class UnknownMethod(SimulatorError):
     """The request named a method the protocol does not have."""
 
     error_type = "unknown_method"
+
+
+class InternalError(SimulatorError):
+    """A bug in the server; the traceback goes to the server's log, never to the client."""
+
+    error_type = "internal_error"
 
 
 class ServerBusy(SimulatorError):
@@ -185,29 +193,66 @@ RENDERER_HINT = ("install an OpenGL renderer: `apt-get install libegl1 libegl-me
                  "on the CPU) or `apt-get install libosmesa6` (OSMesa)")
 
 
-def renderer_works(name: str) -> bool:
-    """Whether MuJoCo can open an offscreen context with MUJOCO_GL=name (checked in a child process)."""
-    probe = "import mujoco; context = mujoco.GLContext(16, 16); context.make_current(); context.free()"
+# Run in a child process: a GL context made here before the workers spawn would be no use to them.
+_RENDERER_PROBE = """
+import json, mujoco
+context = mujoco.GLContext(16, 16)
+context.make_current()
+strings = {}
+try:
+    from OpenGL import GL
+    strings = {name: GL.glGetString(getattr(GL, name)).decode() for name in ("GL_VENDOR", "GL_RENDERER", "GL_VERSION")}
+except Exception:
+    pass
+context.free()
+print(json.dumps(strings))
+"""
+
+
+def probe_renderer(name: str) -> Optional[Dict[str, str]]:
+    """GL_VENDOR/GL_RENDERER/GL_VERSION of an offscreen MuJoCo context with MUJOCO_GL=name, or None
+    when no context can be made (checked in a child process)."""
     env = {**os.environ, "MUJOCO_GL": name, "PYOPENGL_PLATFORM": name}
     try:
-        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0
+        result = subprocess.run([sys.executable, "-c", _RENDERER_PROBE], env=env, capture_output=True, text=True,
+                                timeout=60)
     except subprocess.TimeoutExpired:
-        return False
+        return None
+    if result.returncode != 0:
+        return None
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
 
 
-def choose_renderer() -> str:
-    """MUJOCO_GL as given, else the first of EGL, OSMesa that works; exported for the workers.
+def choose_renderer() -> Dict[str, str]:
+    """MUJOCO_GL as given, else the first of EGL, OSMesa that works, exported for the workers;
+    returned with the GL strings of the renderer it gives ({"MUJOCO_GL": ..., "GL_RENDERER": ...}).
 
     MuJoCo backends call this from prepare_server, before any worker starts.
     """
     if os.environ.get("MUJOCO_GL"):
-        return os.environ["MUJOCO_GL"]
+        name = os.environ["MUJOCO_GL"]
+        return {"MUJOCO_GL": name, **(probe_renderer(name) or {})}
     for name in ("egl", "osmesa"):
-        if renderer_works(name):
+        strings = probe_renderer(name)
+        if strings is not None:
             os.environ["MUJOCO_GL"] = name
             os.environ["PYOPENGL_PLATFORM"] = name
-            return name
+            return {"MUJOCO_GL": name, **strings}
     raise BackendError(f"MuJoCo found no offscreen renderer (tried EGL, OSMesa): {RENDERER_HINT}")
+
+
+def stack_versions(*packages: str) -> Dict[str, str]:
+    """The named packages' versions plus numpy's and Python's, as this process has them."""
+    versions = {"python": platform.python_version()}
+    for package in (*packages, "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 def package_versions(*packages: str) -> str:

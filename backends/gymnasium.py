@@ -108,7 +108,7 @@ class GymnasiumBackend(SimulatorBackend):
 
     @classmethod
     def prepare_server(cls) -> None:
-        log.info("Gymnasium renders MuJoCo envs with MUJOCO_GL=%s", choose_renderer())
+        log.info("Gymnasium renders MuJoCo envs with MUJOCO_GL=%s", choose_renderer()["MUJOCO_GL"])
         cls._task_ids = creatable_ids()
         log.info("%d Gymnasium environments can be created here", len(cls._task_ids))
 

