@@ -22,7 +22,7 @@ import zmq
 
 import sim_client
 import sim_server
-from test_sim import ServerProcess
+from harness_sim import ServerProcess, free_port
 
 LIBERO_SIZE_OBSERVATION = {
     "agentview_image": np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8),
@@ -114,14 +114,6 @@ def bench_round_trip() -> list:
     ]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def steps_per_second(address: str, clients: int, seconds: float) -> float:
     counts = [0] * clients
 
@@ -182,7 +174,7 @@ def bench_libero() -> list:
     from backends.base import choose_renderer
 
     choose_renderer()
-    from test_sim import in_process_env
+    from harness_sim import in_process_env
 
     suite = "libero_spatial"
     env, task_name, init_states = in_process_env(suite, 0, 256)

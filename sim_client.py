@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
@@ -39,9 +40,14 @@ DEFAULT_ADDRESS = "tcp://localhost:5555"
 DEFAULT_TIMEOUT_S = 120.0
 # A reply can carry two camera images and more; the client trusts its server, within reason.
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
-
 # A timed-out call is re-sent (same request_id, same session) this many times.
 DEFAULT_RETRIES = 2
+# The evaluation runner: a horizon for environments that set no episode limit, how often an
+# episode whose server died is retried elsewhere, and the task_info fields that decide a score.
+MAX_UNLIMITED_STEPS = 10000
+MAX_ATTEMPTS = 3
+TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "flip_images", "state_vector",
+                   "image_size", "simulator_stack", "renderer")
 
 
 def new_identity() -> bytes:
@@ -57,40 +63,62 @@ class SimulatorClientError(Exception):
 
 
 class ServerError(SimulatorClientError):
-    """The server answered with an error; `error_type` is the protocol's name for it."""
+    """The server answered with an error; `error_type` is the protocol's name for it. Each known
+    type has its subclass below; a type this client does not know raises ServerError itself."""
 
-    error_type = "internal_error"
+    error_type = ""
+
+    def __init__(self, message: str, error_type: str = "") -> None:
+        super().__init__(message)
+        if error_type:
+            self.error_type = error_type
 
 
 class UnknownMethod(ServerError):
+    """The server has no such method."""
+
     error_type = "unknown_method"
 
 
 class InvalidParams(ServerError):
+    """A missing or ill-typed field, a wrong action shape, NaN/Inf, a malformed body."""
+
     error_type = "invalid_params"
 
 
 class TaskNotFound(ServerError):
+    """load_task named no such task; the message lists close matches."""
+
     error_type = "task_not_found"
 
 
 class NoTaskLoaded(ServerError):
+    """reset or step before a successful load_task."""
+
     error_type = "no_task_loaded"
 
 
 class NotReset(ServerError):
+    """step before reset, or after the episode ended."""
+
     error_type = "not_reset"
 
 
 class BackendError(ServerError):
+    """The simulator raised, died or overran its time limit; load_task starts a new one."""
+
     error_type = "backend_error"
 
 
 class InternalError(ServerError):
+    """A bug in the server (its log has the traceback)."""
+
     error_type = "internal_error"
 
 
 class ServerBusy(ServerError):
+    """Every simulator slot is taken, or this session already has a request running."""
+
     error_type = "server_busy"
 
 
@@ -124,10 +152,12 @@ def _unpack_ndarray(obj: Dict[str, Any]) -> Any:
 
 
 def encode(message: Dict[str, Any]) -> bytes:
+    """A request map as a msgpack body; numpy arrays become the protocol's ndarray maps."""
     return msgpack.packb(message, default=_pack_extra, use_bin_type=True)
 
 
 def decode(body: bytes) -> Dict[str, Any]:
+    """A reply body as a map; ndarray maps become read-only numpy arrays."""
     return msgpack.unpackb(body, raw=False, object_hook=_unpack_ndarray, max_bin_len=MAX_REPLY_BYTES,
                            max_str_len=MAX_REPLY_BYTES, max_ext_len=0)
 
@@ -163,10 +193,10 @@ class SimulatorClient:
         self._curve = _load_curve_keys(server_key, client_key)
         self.retries = retries
         self.identity = new_identity()
-        self.task_info = None  # type: Optional[Dict[str, Any]]
+        self.task_info: Optional[Dict[str, Any]] = None
         self._request_ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self._context = zmq.Context.instance()
-        self._socket = None  # type: Optional[zmq.Socket]
+        self._socket: Optional[zmq.Socket] = None
         self._connect()
 
     # Transport --------------------------------------------------------------
@@ -207,8 +237,8 @@ class SimulatorClient:
                 if attempt == self.retries:
                     raise
         if reply.get("status") != "ok":
-            error_class = ERROR_CLASSES.get(reply.get("error_type"), ServerError)
-            raise error_class(reply.get("message", "no message"))
+            error_type = str(reply.get("error_type", ""))
+            raise ERROR_CLASSES.get(error_type, ServerError)(str(reply.get("message", "no message")), error_type)
         return reply
 
     def _wait_for_reply(self, request_id: int, timeout_s: float, method: str) -> Dict[str, Any]:
@@ -216,7 +246,7 @@ class SimulatorClient:
         busy server (answered) from a dead one (silent), so only `load_timeout_s` bounds a load."""
         deadline = time.monotonic() + timeout_s
         slice_s = min(timeout_s, self.timeout_s)
-        unanswered_ping = None  # type: Optional[int]
+        unanswered_ping: Optional[int] = None
         while True:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
@@ -264,7 +294,9 @@ class SimulatorClient:
 
     def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
               ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-        fields = {}  # type: Dict[str, Any]
+        """Start an episode: (observation, info). LIBERO: `init_state_index` picks the fixed init
+        state (successive resets walk 0, 1, 2, ...); `seed` defaults to the task's convention."""
+        fields: Dict[str, Any] = {}
         if seed is not None:
             fields["seed"] = int(seed)
         if init_state_index is not None:
@@ -284,14 +316,19 @@ class SimulatorClient:
         return self.call("step", action=action)
 
     def get_info(self) -> Dict[str, Any]:
+        """The server's and this session's facts: backend, versions, simulator stack, current task,
+        session_id, sim_pid, session counts, uptime."""
         reply = self.call("get_info")
         reply.pop("status", None)
         reply.pop("request_id", None)
         return reply
 
-    def ping(self, timeout_s: Optional[float] = None) -> bool:
-        """True when the server answers; needs no simulator, answered even mid-load."""
-        return self.call("ping", timeout_s=timeout_s).get("status") == "ok"
+    def ping(self, timeout_s: Optional[float] = None) -> float:
+        """The round trip in seconds; raises ServerTimeout when nobody answers. Needs no
+        simulator and is answered even while this session's load_task runs."""
+        started = time.monotonic()
+        self.call("ping", timeout_s=timeout_s)
+        return time.monotonic() - started
 
     def disconnect(self) -> None:
         """End the session on the server (its simulator is closed) and close the socket."""
@@ -332,6 +369,7 @@ def _load_curve_keys(server_key: Optional[str], client_key: Optional[str]):
 
 
 def zero_policy(observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """All zeros, whatever the observation: a baseline and a smoke test."""
     return zero_action(task_info)
 
 
@@ -390,11 +428,13 @@ def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy, index: 
             "seconds": round(time.monotonic() - started, 3), "frames": frames}
 
 
-MAX_UNLIMITED_STEPS = 10000  # for environments that set no episode limit
-# The task_info fields that decide a score, kept in the results file beside the episodes.
-TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "flip_images", "state_vector",
-                   "image_size", "simulator_stack", "renderer")
-MAX_ATTEMPTS = 3  # an episode whose server died is retried elsewhere at most this often
+@dataclass
+class Job:
+    """One episode to run: a task, the init state (or seed) index, and the attempts made so far."""
+
+    task: str
+    index: int
+    attempts: int = 0
 
 
 class Evaluation:
@@ -415,7 +455,7 @@ class Evaluation:
         self.load_options, self.timeout_s, self.keys = load_options or {}, timeout_s, keys
         self.results = self._load_results()
         done = {(r["task"], r["init_state_index"]) for r in self.results}
-        self.jobs = [[task, index, 0] for task in self.tasks for index in range(episodes) if (task, index) not in done]
+        self.jobs = [Job(task, index) for task in self.tasks for index in range(episodes) if (task, index) not in done]
         self.total = len(self.jobs)
         self.retried: List[Dict[str, Any]] = []
         self.dead_addresses: set = set()
@@ -431,6 +471,7 @@ class Evaluation:
         return []
 
     def run(self) -> List[Dict[str, Any]]:
+        """Run every job on `parallel` threads, one session each; the finished episode records."""
         threads = [threading.Thread(target=self._work, args=(slot,), daemon=True) for slot in range(self.parallel)]
         for thread in threads:
             thread.start()
@@ -439,7 +480,7 @@ class Evaluation:
         self.progress.close()
         return self.results
 
-    def _next_job(self) -> Optional[list]:
+    def _next_job(self) -> Optional[Job]:
         with self.lock:
             return self.jobs.pop(0) if self.jobs else None
 
@@ -463,12 +504,12 @@ class Evaluation:
                     sim = SimulatorClient(address, timeout_s=self.timeout_s, **self.keys)
                     task = None
                     self._note_server(address, sim)
-                if job[0] != task:
-                    task_info, task = sim.load_task(job[0], **self.load_options), job[0]
+                if job.task != task:
+                    task_info, task = sim.load_task(job.task, **self.load_options), job.task
                     with self.lock:
                         self.task_settings[task] = {key: task_info[key] for key in TASK_PROVENANCE if key in task_info}
-                record = run_episode(sim, task_info, self.policy, job[1], self._record_key(task_info))
-                record.update(task=job[0], address=address, attempts=job[2] + 1)
+                record = run_episode(sim, task_info, self.policy, job.index, self._record_key(task_info))
+                record.update(task=job.task, address=address, attempts=job.attempts + 1)
                 self._finish(record)
             except (ServerTimeout, BackendError, ServerBusy) as error:
                 if isinstance(error, ServerTimeout):
@@ -485,14 +526,14 @@ class Evaluation:
             with self.lock:
                 self.servers[address] = info
 
-    def _give_back(self, job: list, why: str) -> None:
-        job[2] += 1
+    def _give_back(self, job: Job, why: str) -> None:
+        job.attempts += 1
         with self.lock:
-            self.retried.append({"task": job[0], "init_state_index": job[1], "why": why[:200]})
-            if job[2] < MAX_ATTEMPTS and len(self.dead_addresses) < len(self.addresses):
+            self.retried.append({"task": job.task, "init_state_index": job.index, "why": why[:200]})
+            if job.attempts < MAX_ATTEMPTS and len(self.dead_addresses) < len(self.addresses):
                 self.jobs.append(job)
             else:
-                self.progress.note(f"gave up on {job[0]} #{job[1]}: {why[:120]}")
+                self.progress.note(f"gave up on {job.task} #{job.index}: {why[:120]}")
 
     def _record_key(self, task_info: Dict[str, Any]) -> Optional[str]:
         if not self.video_dir:
@@ -533,6 +574,7 @@ class Progress:
             self.bar = None
 
     def update(self, success: bool) -> None:
+        """One more episode done."""
         self.done += 1
         self.successes += int(success)
         rate = self.successes / self.done
@@ -544,9 +586,11 @@ class Progress:
             sys.stderr.flush()
 
     def note(self, text: str) -> None:
+        """A line of text that does not break the bar."""
         (self.bar.write if self.bar is not None else lambda t: print(t, file=sys.stderr))(text)
 
     def close(self) -> None:
+        """End the bar or the progress line."""
         if self.bar is not None:
             self.bar.close()
         elif self.total:
@@ -582,6 +626,7 @@ def summarize(results: List[Dict[str, Any]]) -> List[Tuple[str, int, float, floa
 
 
 def print_table(rows: List[Tuple[str, int, float, float, float]]) -> None:
+    """summarize()'s rows as a text table on stdout."""
     width = max([len(row[0]) for row in rows] + [4])
     print(f"{'task':{width}s}  episodes  success  mean steps  mean s")
     for name, count, rate, steps, seconds in rows:
@@ -589,6 +634,7 @@ def print_table(rows: List[Tuple[str, int, float, float, float]]) -> None:
 
 
 def save_chart(rows: List[Tuple[str, int, float, float, float]], path: str) -> None:
+    """summarize()'s success rates as a PNG bar chart (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -607,6 +653,7 @@ def save_chart(rows: List[Tuple[str, int, float, float, float]], path: str) -> N
 
 
 def run_evaluation(args: argparse.Namespace) -> int:
+    """`sim_client.py eval`: run, print the table, save what was asked; 0 when every episode ran."""
     keys = {"server_key": args.server_key, "client_key": args.client_key}
     addresses = args.address or [DEFAULT_ADDRESS]
     tasks = args.tasks
@@ -637,6 +684,7 @@ def zero_action(task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
 
 
 def describe_array(value: Any) -> str:
+    """"[shape] dtype" of an array, else the value's type name."""
     if isinstance(value, np.ndarray):
         return f"{list(value.shape)} {value.dtype}"
     return type(value).__name__
@@ -669,6 +717,7 @@ def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float, **
 
 
 def eval_parser() -> argparse.ArgumentParser:
+    """The flags of `sim_client.py eval`."""
     parser = argparse.ArgumentParser(prog="sim_client.py eval", description="Evaluate a policy on many episodes.")
     parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
     parser.add_argument("--policy", default="zero", help="zero, random, or module:function(observation, task_info)")
@@ -688,6 +737,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: a one-episode smoke test, or `eval`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         try:

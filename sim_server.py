@@ -5,13 +5,21 @@
     python sim_server.py --simulator mock --port 5556  # a fake simulator, for trying clients
 
 Clients (see sim_client.py) send one msgpack map per request: list_tasks,
-load_task, reset, step, get_info, ping, disconnect. Every client identity is
-a session; each session's simulator runs in its own worker process, so a slow
+load_task, reset, step, get_info, ping, disconnect. Every client is a
+session; each session's simulator runs in its own worker process, so a slow
 step never stalls the poll loop or another session, and a simulator that
 crashes or hangs ends only its own session.
 
 Parts, in order: configuration, protocol codec, requests and replies,
-simulator workers, session table, poll loop and dispatch, main().
+simulator workers (the code that runs in a worker process), worker handles,
+session table, connections, CURVE, simulator requests (to a worker and back),
+the poll loop and dispatch, main().
+
+Who is who: a client's ZMQ `routing_id` names its session; `session_key` is
+the session table's key (the routing_id, plus the TCP connection's number
+for guessable ids); `session_id` is the short public name in get_info and
+logs; `connection` is the number of the TCP connection a message came on;
+`curve_key` is the client's CURVE public key.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import glob
+import io
 import itertools
 import logging
 import multiprocessing
@@ -29,7 +38,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 import numpy as np
@@ -41,6 +50,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from backends import available_backends, get_backend
 from backends.base import (
     BackendError,
+    InternalError,
     InvalidParams,
     NoTaskLoaded,
     NotReset,
@@ -55,8 +65,8 @@ log = logging.getLogger("sim_server")
 # --- configuration -----------------------------------------------------------
 
 SERVER_VERSION = "1.0.0"
-# Requests are tiny (a [50, 7] float32 action chunk is 1.4 KB); a small cap
-# bounds the memory a hostile frame can make msgpack allocate (THREATS.md).
+# Requests are tiny (a [50, 7] float32 action chunk is 1.4 KB); a small cap bounds the
+# memory a hostile frame can make msgpack allocate (README "Security and limits").
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # Strict request/reply needs a handful of queued messages per peer, not 1000.
 SOCKET_HWM = 16
@@ -64,8 +74,8 @@ SOCKET_HWM = 16
 WORKER_CLOSE_GRACE_S = 5.0
 # The longest the poll loop sleeps, so shutdown and reaping stay prompt.
 POLL_INTERVAL_S = 0.25
-# robosuite/LIBERO leak memory and GL contexts across env close (THREATS.md): a session that
-# switches tasks gets a fresh simulator process after this many different tasks.
+# robosuite/LIBERO leak memory and GL contexts across env close: a session that switches
+# tasks gets a fresh simulator process after this many task switches.
 MAX_TASKS_PER_WORKER = 8
 # Longest action chunk one step request may carry (openpi replans every 5 of 10 or 50).
 MAX_CHUNK = 256
@@ -74,9 +84,11 @@ SIMULATOR_METHODS = ("load_task", "reset", "step")
 LOOP_METHODS = ("list_tasks", "get_info", "ping", "disconnect")
 # What a backend's get_info may add to the server's: the simulator stack and renderer in use.
 PROVENANCE_KEYS = ("simulator_stack", "renderer")
-# ZMTP heartbeats free half-open connections (THREATS.md: a frozen peer).
+# ZMTP heartbeats free half-open connections: a frozen peer's routing id is released.
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
+# Requests the loop takes from the frontend in one go before it looks at the workers again.
+FRONTEND_BATCH = 100
 
 
 def default_max_sessions() -> int:
@@ -193,11 +205,13 @@ def _pack_extra(obj: Any) -> Any:
 
 
 def encode(message: Dict[str, Any]) -> bytes:
+    """A map as a msgpack body; numpy arrays become ndarray maps."""
     return msgpack.packb(message, default=_pack_extra, use_bin_type=True)
 
 
 def _unpack_ndarray(obj: Dict[str, Any]) -> Any:
-    """A map tagged ndarray as a read-only array, after checking every field (THREATS.md)."""
+    """A map tagged ndarray as a read-only array, after checking every field: numpy builds
+    arrays from a hostile dtype or shape by crashing the process."""
     if obj.get("__type__") != "ndarray":
         return obj
     if set(obj) != NDARRAY_KEYS:
@@ -235,6 +249,17 @@ def decode(body: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Dict[str, Any]:
     return message
 
 
+def reply_status(body: bytes) -> Optional[str]:
+    """A reply's status, read from its first entry without decoding the rest (images included)."""
+    unpacker = msgpack.Unpacker(io.BytesIO(body), raw=False, read_size=64, max_buffer_size=len(body) + 64)
+    try:
+        if unpacker.read_map_header() and unpacker.unpack() == "status":  # our replies put it first
+            return unpacker.unpack()
+    except (ValueError, TypeError, msgpack.OutOfData):
+        pass
+    return None
+
+
 # --- requests and replies ----------------------------------------------------
 
 REQUEST_ID_TYPES = (type(None), bool, int, float, str, bytes)
@@ -247,30 +272,26 @@ class Request:
     request_id: Any = None
 
 
-def parse_request(body: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
-    """Method, fields (top level, or a nested "params" map) and request_id of a body."""
-    message = decode(body, max_bytes)
-    request_id = message.pop("request_id", None)
-    if not isinstance(request_id, REQUEST_ID_TYPES):
-        raise InvalidParams("request_id must be a scalar")
-    method = message.pop("method", None)
-    if not isinstance(method, str):
-        raise InvalidParams("request needs a string 'method'")
-    params = message.pop("params", {})
-    if not isinstance(params, dict):
-        raise InvalidParams("'params' must be a map")
-    message.update(params)
-    return Request(method, message, request_id)
-
-
-def request_id_of(body: bytes) -> Any:
-    """The request_id of a body that failed to parse, when one can still be read."""
-    try:
-        message = decode(body)
-    except SimulatorError:
-        return None
+def request_id_in(message: Dict[str, Any]) -> Any:
+    """The message's request_id when it is a scalar (echoed in the reply), else None."""
     request_id = message.get("request_id")
     return request_id if isinstance(request_id, REQUEST_ID_TYPES) else None
+
+
+def parse_request(message: Dict[str, Any]) -> Request:
+    """Method, fields (top level, or a nested "params" map) and request_id of a decoded body."""
+    fields = dict(message)
+    request_id = fields.pop("request_id", None)
+    if not isinstance(request_id, REQUEST_ID_TYPES):
+        raise InvalidParams("request_id must be a scalar")
+    method = fields.pop("method", None)
+    if not isinstance(method, str):
+        raise InvalidParams("request needs a string 'method'")
+    params = fields.pop("params", {})
+    if not isinstance(params, dict):
+        raise InvalidParams("'params' must be a map")
+    fields.update(params)
+    return Request(method, fields, request_id)
 
 
 def ok_reply(request_id: Any, **fields: Any) -> bytes:
@@ -280,20 +301,21 @@ def ok_reply(request_id: Any, **fields: Any) -> bytes:
     return encode(reply)
 
 
-def error_reply(request_id: Any, error_type: str, message: str) -> bytes:
-    reply = {"status": "error", "error_type": error_type, "message": message}
+def error_reply(request_id: Any, error: SimulatorError) -> bytes:
+    """The typed error reply for `error`; its class names the error_type."""
+    reply = {"status": "error", "error_type": error.error_type, "message": str(error)}
     if request_id is not None:
         reply["request_id"] = request_id
     return encode(reply)
 
 
-# --- simulator workers -------------------------------------------------------
+# --- simulator workers: this part runs in the worker process -----------------
 
 CLOSE_WORKER = b""  # a zero-length message on the worker pipe means "close and exit"
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the server dies (THREATS.md: orphans)."""
+    """Ask Linux to SIGKILL this worker when the server dies, so no simulator outlives it."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -338,18 +360,19 @@ class SessionSimulator:
         self.action_ndims: Dict[str, int] = {}  # from the task's action_spec, to tell a chunk from one action
 
     def handle(self, body: bytes) -> bytes:
+        """The reply body to one request body (the worker's own decode: it is another process)."""
         request_id = None
         try:
-            request = parse_request(body)
-            request_id = request.request_id
-            return ok_reply(request_id, **self.dispatch(request))
+            message = decode(body)
+            request_id = request_id_in(message)
+            return ok_reply(request_id, **self.answer(parse_request(message)))
         except SimulatorError as error:
-            return error_reply(request_id, error.error_type, str(error))
+            return error_reply(request_id, error)
         except Exception as error:  # the simulator's own failure, reported, not fatal
             log.error("simulator raised:\n%s", traceback.format_exc())
-            return error_reply(request_id, "backend_error", f"{type(error).__name__}: {error}")
+            return error_reply(request_id, BackendError(f"{type(error).__name__}: {error}"))
 
-    def dispatch(self, request: Request) -> Dict[str, Any]:
+    def answer(self, request: Request) -> Dict[str, Any]:
         fields = request.fields
         if request.method == "load_task":
             return {"task_info": self.load_task(fields)}
@@ -435,6 +458,8 @@ def simulator_worker_main(conn, simulator: str, session_id: str, log_level: str)
         simulator_session.backend.close()
 
 
+# --- worker handles: the server's side of a worker process -------------------
+
 class Worker:
     """The server's handle on one simulator process and its pipe."""
 
@@ -448,20 +473,21 @@ class Worker:
         child_conn.close()  # so the worker's death reads as EOF here
         self.pid = self.process.pid
         self.close_deadline: Optional[float] = None
-        self.tasks_loaded = 0  # distinct task switches served, for MAX_TASKS_PER_WORKER
+        self.task_switches = 0  # for MAX_TASKS_PER_WORKER
 
     def fileno(self) -> int:
         return self.conn.fileno()
 
-    def send(self, body: bytes) -> None:
+    def submit(self, body: bytes) -> None:
+        """Hand a request body to the simulator; OSError when the worker is gone."""
         self.conn.send_bytes(body)
 
-    def receive(self) -> bytes:
-        """The next reply; EOFError or OSError when the worker died."""
+    def read_reply(self) -> bytes:
+        """The simulator's reply body; EOFError or OSError when the worker died."""
         return self.conn.recv_bytes()
 
     def begin_close(self) -> None:
-        """Ask the worker to close its simulator; kill_if_overdue() enforces the grace period."""
+        """Ask the worker to close its simulator; finished() enforces the grace period."""
         self.close_deadline = time.monotonic() + WORKER_CLOSE_GRACE_S
         try:
             self.conn.send_bytes(CLOSE_WORKER)
@@ -509,11 +535,11 @@ class Pending:
 
 @dataclass
 class Session:
-    key: bytes  # the session table's key: see session_key()
-    identity: bytes
+    session_key: bytes
+    routing_id: bytes
     session_id: str
     connection: Optional[int] = None  # number of the TCP connection that opened it
-    client_key: Optional[str] = None  # the CURVE public key that opened it
+    curve_key: Optional[str] = None  # the CURVE public key that opened it
     last_active: float = field(default_factory=time.monotonic)
     worker: Optional[Worker] = None
     current_task: Optional[str] = None
@@ -522,411 +548,170 @@ class Session:
     last_reply: Optional[Tuple[Any, bytes]] = None  # (request_id, body) for retried requests
 
 
-def new_session_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-# A client-chosen routing id this long is an unguessable bearer capability (THREATS.md), so its
-# session survives reconnects. Shorter ids, and libzmq's own 5-byte ids (leading zero byte),
-# could be guessed or claimed: their sessions live and die with the connection that opened them.
+# A client-chosen routing id this long is an unguessable bearer capability, so its session
+# survives reconnects. Shorter ids, and libzmq's own 5-byte ids (leading zero byte), could be
+# guessed or claimed: their sessions live and die with the connection that opened them.
 RESUMABLE_ID_BYTES = 16
 
 
-def is_resumable(identity: bytes) -> bool:
-    return len(identity) >= RESUMABLE_ID_BYTES and identity[0] != 0
+def is_resumable(routing_id: bytes) -> bool:
+    return len(routing_id) >= RESUMABLE_ID_BYTES and routing_id[0] != 0
 
 
-def session_key(identity: bytes, connection: Optional[int]) -> bytes:
-    return identity if is_resumable(identity) else identity + b"#" + str(connection).encode()
+def session_key(routing_id: bytes, connection: Optional[int]) -> bytes:
+    return routing_id if is_resumable(routing_id) else routing_id + b"#" + str(connection).encode()
 
 
+class SessionTable:
+    """The sessions, the workers they own, and the workers still closing."""
 
-# --- poll loop and dispatch --------------------------------------------------
-
-class SimulatorServer:
-    """The ROUTER frontend, the session table and the workers behind it."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.catalog = get_backend(config.simulator)()  # answers list_tasks and get_info without a simulator
-        self.backend_info = self.catalog.get_info()  # static: read once, not per get_info
+    def __init__(self, poller: zmq.Poller) -> None:
+        self.poller = poller  # worker pipes are polled beside the frontend
         self.sessions: Dict[bytes, Session] = {}
+        self.by_worker_fd: Dict[int, Session] = {}
         self.closing_workers: List[Worker] = []
-        self.started = time.monotonic()
-        self.stopping = False
-        self.context = zmq.Context()
-        self.authenticator = self._start_authenticator()
-        self.frontend = self._bind_frontend()
-        self.poller = zmq.Poller()
-        self.poller.register(self.frontend, zmq.POLLIN)
-        # Which TCP connection each message came on. libzmq reuses fds, so every accepted
-        # connection gets a number; events are read before each message, which keeps them in order.
-        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.poller.register(self.monitor, zmq.POLLIN)
-        self.connections: Dict[int, int] = {}  # fd -> connection number
-        self.connection_numbers = itertools.count(1)
-        self.worker_sessions: Dict[int, Session] = {}  # pipe fd -> session
 
-    def _bind_frontend(self) -> zmq.Socket:
-        frontend = self.context.socket(zmq.ROUTER)
-        frontend.setsockopt(zmq.LINGER, 0)
-        frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        frontend.setsockopt(zmq.SNDHWM, SOCKET_HWM)
-        frontend.setsockopt(zmq.RCVHWM, SOCKET_HWM)
-        frontend.setsockopt(zmq.MAXMSGSIZE, self.config.max_request_bytes)
-        frontend.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        frontend.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        if self.authenticator is not None:
-            frontend.curve_publickey, frontend.curve_secretkey = zmq.auth.load_certificate(
-                self.config.curve_secret_key)
-            frontend.curve_server = True
-        elif not is_loopback(self.config.bind):
-            log.warning("listening on %s without CURVE: anyone who can reach it can run simulators; "
-                        "see README 'Security and limits'", self.config.bind)
-        frontend.bind(self.config.bind)
-        return frontend
+    def __len__(self) -> int:
+        return len(self.sessions)
 
-    def _start_authenticator(self) -> Optional[ThreadAuthenticator]:
-        """ZAP handler that admits only the client keys in --curve-clients (started before bind)."""
-        if not self.config.curve_secret_key:
-            return None
-        authenticator = ThreadAuthenticator(self.context)
-        authenticator.start()
-        authenticator.configure_curve(domain="*", location=self.config.curve_clients)
-        log.info("CURVE on: admitting the %d client keys in %s", len(glob.glob(
-            os.path.join(self.config.curve_clients, "*.key"))), self.config.curve_clients)
-        return authenticator
+    def __iter__(self):
+        return iter(list(self.sessions.values()))
 
-    @property
-    def endpoint(self) -> str:
-        return self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+    def get(self, key: bytes) -> Optional[Session]:
+        return self.sessions.get(key)
 
-    # The loop ---------------------------------------------------------------
+    def open(self, key: bytes, routing_id: bytes, connection: Optional[int], curve_key: Optional[str]) -> Session:
+        session = Session(session_key=key, routing_id=routing_id, session_id=uuid.uuid4().hex[:12],
+                          connection=connection, curve_key=curve_key)
+        self.sessions[key] = session
+        log.info("session %s started", session.session_id)
+        return session
 
-    def serve_forever(self) -> None:
-        log.info("serving %s on %s (max %d simulator sessions)", self.config.simulator, self.endpoint,
-                 self.config.max_sessions)
-        next_reap = time.monotonic()
-        while not self.stopping:
-            ready = dict(self.poller.poll(self._poll_timeout_ms()))
-            if ready.get(self.monitor):
-                self._read_connection_events()
-            if ready.get(self.frontend):
-                self._drain_frontend()
-            for fd in [fd for fd in ready if isinstance(fd, int)]:
-                session = self.worker_sessions.get(fd)
-                if session is not None:
-                    self._forward_worker_reply(session)
-            self._expire_overdue_requests()
-            if time.monotonic() >= next_reap:
-                self.reap_idle_sessions()
-                self._finish_closing_workers()
-                next_reap = time.monotonic() + 1.0
-        self.shutdown()
+    def with_simulator(self) -> int:
+        return sum(1 for session in self.sessions.values() if session.worker is not None)
 
-    def _poll_timeout_ms(self) -> int:
-        timeout = POLL_INTERVAL_S
-        now = time.monotonic()
-        for session in self.sessions.values():
+    def attach_worker(self, session: Session, worker: Worker) -> None:
+        session.worker = worker
+        self.by_worker_fd[worker.fileno()] = session
+        self.poller.register(worker.fileno(), zmq.POLLIN)
+
+    def detach_worker(self, session: Session) -> Worker:
+        worker, session.worker = session.worker, None
+        self.poller.unregister(worker.fileno())
+        del self.by_worker_fd[worker.fileno()]
+        return worker
+
+    def retire(self, worker: Worker) -> None:
+        """Let a detached worker close its simulator in its own time."""
+        worker.begin_close()
+        self.closing_workers.append(worker)
+
+    def end(self, session: Session, why: str) -> None:
+        if session.worker is not None:
+            worker = self.detach_worker(session)
             if session.pending is not None:
-                timeout = min(timeout, max(0.0, session.pending.deadline - now))
-        return int(timeout * 1000) + 1
+                worker.kill()  # busy: it would not read a close request
+            else:
+                self.retire(worker)
+        self.sessions.pop(session.session_key, None)
+        log.info("session %s ended: %s", session.session_id, why)
 
-    def _drain_frontend(self) -> None:
-        """Handle every queued request, but yield to workers after a bounded batch."""
-        for _ in range(100):
-            try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.handle_frames([frame.bytes for frame in frames], self._connection_of(frames[-1]),
-                               self._client_key_of(frames[-1]))
+    def reap_idle(self, timeout_s: float) -> None:
+        cutoff = time.monotonic() - timeout_s
+        for session in self:
+            if session.pending is None and session.last_active < cutoff:
+                self.end(session, "reaped after idling")
 
-    def _read_connection_events(self) -> None:
-        """Number new connections, and end the sessions bound to a closed one."""
+    def end_connection(self, connection: int) -> None:
+        """End the sessions bound to a TCP connection that closed."""
+        for session in self:
+            if session.connection == connection and not is_resumable(session.routing_id):
+                self.end(session, "its connection closed")
+
+    def finish_closing(self) -> None:
+        self.closing_workers = [worker for worker in self.closing_workers if not worker.finished()]
+
+    def close_all(self) -> None:
+        """End every session, then wait for (or kill) every worker."""
+        for session in self:
+            self.end(session, "server shutting down")
+        while self.closing_workers:
+            self.finish_closing()
+            time.sleep(0.05)
+
+
+# --- connections -------------------------------------------------------------
+
+class ConnectionTracker:
+    """Which TCP connection each message came on, from the ROUTER's monitor events.
+
+    libzmq reuses file descriptors, so every accepted connection gets a number of its own.
+    Events are read before each message: read once per batch, they lag and split sessions.
+    """
+
+    def __init__(self, frontend: zmq.Socket, poller: zmq.Poller) -> None:
+        self.frontend = frontend
+        self.monitor = frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        poller.register(self.monitor, zmq.POLLIN)
+        self.numbers: Dict[int, int] = {}  # fd -> connection number
+        self.next_number = itertools.count(1)
+
+    def read_events(self) -> List[int]:
+        """Number new connections; the numbers of those that closed since the last call."""
+        closed = []
         while True:
             try:
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return closed
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self.connections[fd] = next(self.connection_numbers)
-            elif event["event"] == zmq.EVENT_DISCONNECTED and fd in self.connections:
-                number = self.connections.pop(fd)
-                for session in list(self.sessions.values()):
-                    if session.connection == number and not is_resumable(session.identity):
-                        self.end_session(session, "its connection closed")
+                self.numbers[fd] = next(self.next_number)
+            elif event["event"] == zmq.EVENT_DISCONNECTED and fd in self.numbers:
+                closed.append(self.numbers.pop(fd))
 
-    def _connection_of(self, frame: zmq.Frame) -> Optional[int]:
-        """The number of the connection a message came on (its events are read first)."""
-        self._read_connection_events()
+    def connection_of(self, frame: zmq.Frame) -> Optional[int]:
+        """The number of the connection a frame came on (call read_events first)."""
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return None
-        if fd not in self.connections:  # not seen in tests; number it rather than guess
-            self.connections[fd] = next(self.connection_numbers)
-        return self.connections[fd]
+        if fd not in self.numbers:  # not seen in tests; number it rather than guess
+            self.numbers[fd] = next(self.next_number)
+        return self.numbers[fd]
 
-    def _client_key_of(self, frame: zmq.Frame) -> Optional[str]:
-        """The CURVE public key of the client a message came from (None without CURVE)."""
-        if self.authenticator is None:
-            return None
+    def close(self) -> None:
+        self.frontend.disable_monitor()
+        self.monitor.close(linger=0)
+
+
+# --- CURVE -------------------------------------------------------------------
+
+class CurveAuth:
+    """CURVE encryption plus an allow-list of client keys (a ZAP handler started before bind)."""
+
+    def __init__(self, context: zmq.Context, secret_key_file: str, clients_folder: str) -> None:
+        self.secret_key_file = secret_key_file
+        self.authenticator = ThreadAuthenticator(context)
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain="*", location=clients_folder)
+        log.info("CURVE on: admitting the %d client keys in %s",
+                 len(glob.glob(os.path.join(clients_folder, "*.key"))), clients_folder)
+
+    def configure(self, socket: zmq.Socket) -> None:
+        socket.curve_publickey, socket.curve_secretkey = zmq.auth.load_certificate(self.secret_key_file)
+        socket.curve_server = True
+
+    @staticmethod
+    def key_of(frame: zmq.Frame) -> Optional[str]:
+        """The CURVE public key of the client a frame came from."""
         try:
             return frame.get("User-Id")
         except zmq.ZMQError:
             return None
 
-    # Requests ---------------------------------------------------------------
-
-    def handle_frames(self, frames: List[bytes], connection: Optional[int] = None,
-                      user_id: Optional[str] = None) -> None:
-        """Split the ZMQ envelope from the body and answer the request, in every frame shape."""
-        identity = frames[0]
-        if len(frames) == 2:  # DEALER that sends no empty delimiter
-            envelope, body = [identity], frames[1]
-        elif len(frames) == 3 and frames[1] == b"":  # REQ, or DEALER with a delimiter
-            envelope, body = [identity, b""], frames[2]
-        else:
-            log.debug("refusing a %d-frame message", len(frames))
-            self.send([identity, b""], error_reply(None, "invalid_params", "a request is one body frame, "
-                      "optionally after one empty delimiter frame"))
-            return
-        key = session_key(identity, connection)
-        session = self.sessions.get(key)
-        if session is None:
-            session = self._open_session(key, identity, connection, user_id)
-        elif session.client_key != user_id:
-            log.warning("session %s: refused a request from another CURVE key", session.session_id)
-            self.send(envelope, error_reply(request_id_of(body), "invalid_params",
-                                            "this session was opened by another client key"))
-            return
-        session.last_active = time.monotonic()
-        try:
-            request = parse_request(body, self.config.max_request_bytes)
-        except SimulatorError as error:
-            self.send(envelope, error_reply(request_id_of(body), error.error_type, str(error)))
-            return
-        log.debug("session %s: %s %r", session.session_id, request.method, request.request_id)
-        try:
-            self.dispatch(session, envelope, request, body)
-        except SimulatorError as error:
-            self.send(envelope, error_reply(request.request_id, error.error_type, str(error)))
-        except Exception:
-            log.exception("internal error answering %s", request.method)
-            self.send(envelope, error_reply(request.request_id, "internal_error", "the server failed; see its log"))
-
-    def _open_session(self, key: bytes, identity: bytes, connection: Optional[int],
-                      user_id: Optional[str]) -> Session:
-        session = Session(key=key, identity=identity, session_id=new_session_id(), connection=connection,
-                          client_key=user_id)
-        self.sessions[key] = session
-        log.info("session %s started", session.session_id)
-        return session
-
-    def dispatch(self, session: Session, envelope: List[bytes], request: Request, body: bytes) -> None:
-        method = request.method
-        if method in LOOP_METHODS:
-            self.send(envelope, self.answer_in_loop(session, request))
-        elif method in SIMULATOR_METHODS:
-            self.forward_to_worker(session, envelope, request, body)
-        else:
-            raise UnknownMethod(f"unknown method {method!r}; methods: {', '.join(LOOP_METHODS + SIMULATOR_METHODS)}")
-
-    def answer_in_loop(self, session: Session, request: Request) -> bytes:
-        if request.method == "list_tasks":
-            suite = request.fields.get("suite")
-            if suite is None:
-                return ok_reply(request.request_id, tasks=self.catalog.list_tasks())
-            if not isinstance(suite, str):
-                raise InvalidParams("suite must be a string")
-            return ok_reply(request.request_id, tasks=self.catalog.list_suite(suite))
-        if request.method == "get_info":
-            return ok_reply(request.request_id, **self.session_info(session))
-        if request.method == "ping":
-            return ok_reply(request.request_id, server_version=SERVER_VERSION, busy=session.pending is not None)
-        self.end_session(session, "disconnected")
-        return ok_reply(request.request_id)
-
-    def session_info(self, session: Session) -> Dict[str, Any]:
-        backend = self.backend_info
-        return {
-            "backend_name": backend.get("backend_name", self.config.simulator),
-            "backend_version": backend.get("backend_version", "unknown"),
-            "server_version": SERVER_VERSION,
-            "current_task": session.current_task,
-            "session_id": session.session_id,
-            "sim_pid": session.worker.pid if session.worker else None,
-            "active_sessions": len(self.sessions),
-            "simulator_sessions": self.simulator_session_count(),
-            "max_sessions": self.config.max_sessions,
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            **{key: backend[key] for key in PROVENANCE_KEYS if key in backend},
-        }
-
-    def simulator_session_count(self) -> int:
-        return sum(1 for session in self.sessions.values() if session.worker is not None)
-
-    def forward_to_worker(self, session: Session, envelope: List[bytes], request: Request, body: bytes) -> None:
-        """Hand a simulator request to the session's worker; its reply comes back through the poller."""
-        if session.pending is not None:
-            if request.request_id is not None and request.request_id == session.pending.request_id:
-                session.pending.envelope = envelope  # a retry of the running request: answer it once
-                return
-            raise ServerBusy("this session is already running a request; send one at a time")
-        if session.last_reply is not None and request.request_id is not None \
-                and session.last_reply[0] == request.request_id:
-            self.send(envelope, session.last_reply[1])  # a retry of a finished request: never run twice
-            return
-        if request.method == "load_task":
-            self._check_task_name(request.fields)
-            self._retire_worn_worker(session, request.fields["task_name"])
-            self._ensure_worker(session)
-        elif session.crash is not None:
-            raise BackendError(f"{session.crash}; call load_task to start a new simulator")
-        elif session.worker is None:
-            raise NoTaskLoaded(f"{request.method} needs a task: call load_task first")
-        timeout = self.config.load_timeout_s if request.method == "load_task" else self.config.step_timeout_s
-        task_name = request.fields.get("task_name")
-        session.pending = Pending(envelope, request.method, request.request_id, time.monotonic() + timeout,
-                                  task_name if isinstance(task_name, str) else None)
-        try:
-            session.worker.send(body)
-        except OSError:
-            self._worker_died(session)
-
-    def _check_task_name(self, fields: Dict[str, Any]) -> None:
-        """Refuse a bad task name here, so it never costs a simulator process."""
-        task_name = fields.get("task_name")
-        if not isinstance(task_name, str):
-            raise InvalidParams("load_task needs a string 'task_name'")
-        self.catalog.check_task(task_name)
-
-    def _retire_worn_worker(self, session: Session, task_name: str) -> None:
-        """Start a fresh process after MAX_TASKS_PER_WORKER different tasks: simulators leak on close."""
-        worker = session.worker
-        if worker is None or task_name == session.current_task:
-            return
-        worker.tasks_loaded += 1
-        if worker.tasks_loaded > MAX_TASKS_PER_WORKER:
-            log.info("session %s: simulator process %d loaded %d tasks; starting a fresh one",
-                     session.session_id, worker.pid, MAX_TASKS_PER_WORKER)
-            self._detach_worker(session).begin_close()
-            self.closing_workers.append(worker)
-            session.current_task = None
-
-    def _ensure_worker(self, session: Session) -> None:
-        if session.worker is not None:
-            return
-        if self.simulator_session_count() >= self.config.max_sessions:
-            raise ServerBusy(f"all {self.config.max_sessions} simulator sessions are in use; try again later")
-        session.crash = None
-        session.worker = Worker(self.config.simulator, session.session_id, self.config.log_level)
-        self.worker_sessions[session.worker.fileno()] = session
-        self.poller.register(session.worker.fileno(), zmq.POLLIN)
-        log.info("session %s: simulator process %d started", session.session_id, session.worker.pid)
-
-    def _forward_worker_reply(self, session: Session) -> None:
-        try:
-            body = session.worker.receive()
-        except (EOFError, OSError):
-            self._worker_died(session)
-            return
-        pending, session.pending = session.pending, None
-        if pending is None:
-            log.warning("session %s: dropped an unexpected simulator reply", session.session_id)
-            return
-        if pending.method == "load_task" and pending.task_name is not None and reply_is_ok(body):
-            session.current_task = pending.task_name
-            log.info("session %s: loaded %s", session.session_id, pending.task_name)
-        session.last_reply = (pending.request_id, body) if pending.request_id is not None else None
-        session.last_active = time.monotonic()
-        self.send(pending.envelope, body)
-
-    def _worker_died(self, session: Session) -> None:
-        reason = f"simulator process {session.worker.pid} died ({session.worker.exit_description()})"
-        log.warning("session %s: %s", session.session_id, reason)
-        self._detach_worker(session).kill()
-        self._fail_session(session, reason)
-
-    def _fail_session(self, session: Session, reason: str) -> None:
-        """The simulator is gone: answer the running request, and the next ones until load_task."""
-        session.crash = reason
-        session.current_task = None
-        pending, session.pending = session.pending, None
-        if pending is not None:
-            self.send(pending.envelope, error_reply(pending.request_id, "backend_error",
-                                                    f"{reason}; call load_task to start a new simulator"))
-
-    def _detach_worker(self, session: Session) -> Worker:
-        worker, session.worker = session.worker, None
-        self.poller.unregister(worker.fileno())
-        del self.worker_sessions[worker.fileno()]
-        return worker
-
-    def _expire_overdue_requests(self) -> None:
-        now = time.monotonic()
-        for session in list(self.sessions.values()):
-            pending = session.pending
-            if pending is not None and now > pending.deadline and session.worker is not None:
-                limit = "SIM_LOAD_TIMEOUT_S" if pending.method == "load_task" else "SIM_STEP_TIMEOUT_S"
-                reason = f"{pending.method} overran {limit}; simulator process {session.worker.pid} was killed"
-                log.warning("session %s: %s", session.session_id, reason)
-                self._detach_worker(session).kill()
-                self._fail_session(session, reason)
-
-    # Sessions ending --------------------------------------------------------
-
-    def reap_idle_sessions(self) -> None:
-        cutoff = time.monotonic() - self.config.session_timeout_s
-        for session in list(self.sessions.values()):
-            if session.pending is None and session.last_active < cutoff:
-                self.end_session(session, "reaped after idling")
-
-    def end_session(self, session: Session, why: str) -> None:
-        if session.worker is not None:
-            worker = self._detach_worker(session)
-            if session.pending is not None:
-                worker.kill()  # busy: it would not read a close request
-            else:
-                worker.begin_close()
-                self.closing_workers.append(worker)
-        self.sessions.pop(session.key, None)
-        log.info("session %s ended: %s", session.session_id, why)
-
-    def _finish_closing_workers(self) -> None:
-        self.closing_workers = [worker for worker in self.closing_workers if not worker.finished()]
-
-    def shutdown(self) -> None:
-        """Close every simulator (killing those that will not close), then the socket."""
-        log.info("shutting down %d sessions", len(self.sessions))
-        for session in list(self.sessions.values()):
-            self.end_session(session, "server shutting down")
-        while self.closing_workers:
-            self._finish_closing_workers()
-            time.sleep(0.05)
-        self.frontend.disable_monitor()
-        self.monitor.close(linger=0)
-        self.frontend.close(linger=0)
-        if self.authenticator is not None:
-            self.authenticator.stop()
-        self.context.term()
-        log.info("stopped")
-
-    # Sending ----------------------------------------------------------------
-
-    def send(self, envelope: List[bytes], body: bytes) -> None:
-        """Never blocks: a client that vanished or stopped reading loses its reply, not our loop."""
-        try:
-            self.frontend.send_multipart(envelope + [body], flags=zmq.NOBLOCK, copy=len(body) < 65536)
-        except zmq.ZMQError as error:
-            log.debug("reply to %r dropped: %s", envelope[0], error)
-
-
-def is_loopback(bind: str) -> bool:
-    host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
-    return bind.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1")
+    def stop(self) -> None:
+        self.authenticator.stop()
 
 
 def check_curve_config(config: Config) -> Optional[str]:
@@ -942,11 +727,322 @@ def check_curve_config(config: Config) -> Optional[str]:
     return None
 
 
-def reply_is_ok(body: bytes) -> bool:
-    try:
-        return decode(body, max_bytes=len(body) + 1).get("status") == "ok"
-    except SimulatorError:
+def is_loopback(bind: str) -> bool:
+    host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
+    return bind.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+# --- simulator requests: to the session's worker, and its reply back ----------
+
+class WorkerRouter:
+    """Simulator requests to each session's worker process, and their replies back to the client.
+
+    It starts and retires workers, answers retried request_ids once, enforces the step and load
+    deadlines, and turns a dead or hung simulator into backend_error for its session alone.
+    """
+
+    def __init__(self, config: Config, catalog: SimulatorBackend, sessions: SessionTable,
+                 reply: Callable[[List[bytes], bytes], None]) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.sessions = sessions
+        self.reply = reply
+
+    def forward(self, session: Session, envelope: List[bytes], request: Request, body: bytes) -> None:
+        """Hand a simulator request to the session's worker; its reply comes back through the poller."""
+        if self._answered_as_a_retry(session, envelope, request):
+            return
+        if request.method == "load_task":
+            self._check_task_name(request.fields)
+            self._retire_worn_worker(session, request.fields["task_name"])
+            self._ensure_worker(session)
+        elif session.crash is not None:
+            raise BackendError(f"{session.crash}; call load_task to start a new simulator")
+        elif session.worker is None:
+            raise NoTaskLoaded(f"{request.method} needs a task: call load_task first")
+        timeout = self.config.load_timeout_s if request.method == "load_task" else self.config.step_timeout_s
+        task_name = request.fields.get("task_name")
+        session.pending = Pending(envelope, request.method, request.request_id, time.monotonic() + timeout,
+                                  task_name if isinstance(task_name, str) else None)
+        try:
+            session.worker.submit(body)
+        except OSError:
+            self._worker_died(session)
+
+    def _answered_as_a_retry(self, session: Session, envelope: List[bytes], request: Request) -> bool:
+        """A re-sent request_id is answered once, from the running or the last reply: never run twice."""
+        request_id = request.request_id
+        if session.pending is not None:
+            if request_id is not None and request_id == session.pending.request_id:
+                session.pending.envelope = envelope
+                return True
+            raise ServerBusy("this session is already running a request; send one at a time")
+        if request_id is not None and session.last_reply is not None and session.last_reply[0] == request_id:
+            self.reply(envelope, session.last_reply[1])
+            return True
         return False
+
+    def _check_task_name(self, fields: Dict[str, Any]) -> None:
+        """Refuse a bad task name here, so it never costs a simulator process."""
+        task_name = fields.get("task_name")
+        if not isinstance(task_name, str):
+            raise InvalidParams("load_task needs a string 'task_name'")
+        self.catalog.check_task(task_name)
+
+    def _retire_worn_worker(self, session: Session, task_name: str) -> None:
+        """Start a fresh process after MAX_TASKS_PER_WORKER task switches: simulators leak on close."""
+        worker = session.worker
+        if worker is None or task_name == session.current_task:
+            return
+        worker.task_switches += 1
+        if worker.task_switches > MAX_TASKS_PER_WORKER:
+            log.info("session %s: simulator process %d switched tasks %d times; starting a fresh one",
+                     session.session_id, worker.pid, MAX_TASKS_PER_WORKER)
+            self.sessions.retire(self.sessions.detach_worker(session))
+            session.current_task = None
+
+    def _ensure_worker(self, session: Session) -> None:
+        if session.worker is not None:
+            return
+        if self.sessions.with_simulator() >= self.config.max_sessions:
+            raise ServerBusy(f"all {self.config.max_sessions} simulator sessions are in use; try again later")
+        session.crash = None
+        self.sessions.attach_worker(session, Worker(self.config.simulator, session.session_id,
+                                                    self.config.log_level))
+        log.info("session %s: simulator process %d started", session.session_id, session.worker.pid)
+
+    def forward_reply(self, session: Session) -> None:
+        try:
+            body = session.worker.read_reply()
+        except (EOFError, OSError):
+            self._worker_died(session)
+            return
+        pending, session.pending = session.pending, None
+        if pending is None:
+            log.warning("session %s: dropped an unexpected simulator reply", session.session_id)
+            return
+        if pending.method == "load_task" and pending.task_name is not None and reply_status(body) == "ok":
+            session.current_task = pending.task_name
+            log.info("session %s: loaded %s", session.session_id, pending.task_name)
+        session.last_reply = (pending.request_id, body) if pending.request_id is not None else None
+        session.last_active = time.monotonic()
+        self.reply(pending.envelope, body)
+
+    def _worker_died(self, session: Session) -> None:
+        reason = f"simulator process {session.worker.pid} died ({session.worker.exit_description()})"
+        log.warning("session %s: %s", session.session_id, reason)
+        self.sessions.detach_worker(session).kill()
+        self._fail_session(session, reason)
+
+    def _fail_session(self, session: Session, reason: str) -> None:
+        """The simulator is gone: answer the running request, and the next ones until load_task."""
+        session.crash = reason
+        session.current_task = None
+        pending, session.pending = session.pending, None
+        if pending is not None:
+            self.reply(pending.envelope, error_reply(pending.request_id, BackendError(
+                f"{reason}; call load_task to start a new simulator")))
+
+    def expire_overdue_requests(self) -> None:
+        now = time.monotonic()
+        for session in self.sessions:
+            pending = session.pending
+            if pending is not None and now > pending.deadline and session.worker is not None:
+                limit = "SIM_LOAD_TIMEOUT_S" if pending.method == "load_task" else "SIM_STEP_TIMEOUT_S"
+                reason = f"{pending.method} overran {limit}; simulator process {session.worker.pid} was killed"
+                log.warning("session %s: %s", session.session_id, reason)
+                self.sessions.detach_worker(session).kill()
+                self._fail_session(session, reason)
+
+
+# --- the poll loop and dispatch ----------------------------------------------
+
+class SimulatorServer:
+    """The ROUTER frontend's poll loop: requests in, simulator work out to workers, replies back."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalog = get_backend(config.simulator)()  # answers list_tasks and get_info without a simulator
+        self.backend_info = self.catalog.get_info()  # static: read once, not per get_info
+        self.started = time.monotonic()
+        self.stopping = False
+        self.context = zmq.Context()
+        self.curve = (CurveAuth(self.context, config.curve_secret_key, config.curve_clients)
+                      if config.curve_secret_key else None)
+        self.frontend = self._bind_frontend()
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.connections = ConnectionTracker(self.frontend, self.poller)
+        self.sessions = SessionTable(self.poller)
+        self.router = WorkerRouter(config, self.catalog, self.sessions, self.reply)
+
+    def _bind_frontend(self) -> zmq.Socket:
+        frontend = self.context.socket(zmq.ROUTER)
+        for option, value in ((zmq.LINGER, 0), (zmq.ROUTER_MANDATORY, 1), (zmq.SNDHWM, SOCKET_HWM),
+                              (zmq.RCVHWM, SOCKET_HWM), (zmq.MAXMSGSIZE, self.config.max_request_bytes),
+                              (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
+            frontend.setsockopt(option, value)
+        if self.curve is not None:
+            self.curve.configure(frontend)
+        elif not is_loopback(self.config.bind):
+            log.warning("listening on %s without CURVE: anyone who can reach it can run simulators; "
+                        "see README 'Security and limits'", self.config.bind)
+        frontend.bind(self.config.bind)
+        return frontend
+
+    @property
+    def endpoint(self) -> str:
+        return self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # The loop ---------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        log.info("serving %s on %s (max %d simulator sessions)", self.config.simulator, self.endpoint,
+                 self.config.max_sessions)
+        next_reap = time.monotonic()
+        while not self.stopping:
+            ready = dict(self.poller.poll(self._poll_timeout_ms()))
+            if ready.get(self.connections.monitor):
+                self._end_closed_connections()
+            if ready.get(self.frontend):
+                self._drain_frontend()
+            for fd in [fd for fd in ready if isinstance(fd, int)]:
+                session = self.sessions.by_worker_fd.get(fd)
+                if session is not None:
+                    self.router.forward_reply(session)
+            self.router.expire_overdue_requests()
+            if time.monotonic() >= next_reap:
+                self.sessions.reap_idle(self.config.session_timeout_s)
+                self.sessions.finish_closing()
+                next_reap = time.monotonic() + 1.0
+        self.shutdown()
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = POLL_INTERVAL_S
+        now = time.monotonic()
+        for session in self.sessions:
+            if session.pending is not None:
+                timeout = min(timeout, max(0.0, session.pending.deadline - now))
+        return int(timeout * 1000) + 1
+
+    def _end_closed_connections(self) -> None:
+        for connection in self.connections.read_events():
+            self.sessions.end_connection(connection)
+
+    def _drain_frontend(self) -> None:
+        """Handle every queued request, but yield to workers after a bounded batch."""
+        for _ in range(FRONTEND_BATCH):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._end_closed_connections()  # this message's connection events come first
+            last = frames[-1]
+            self.handle_frames([frame.bytes for frame in frames], self.connections.connection_of(last),
+                               self.curve.key_of(last) if self.curve is not None else None)
+
+    # Requests ---------------------------------------------------------------
+
+    def handle_frames(self, frames: List[bytes], connection: Optional[int] = None,
+                      curve_key: Optional[str] = None) -> None:
+        """Split the ZMQ envelope from the body and answer the request, in every frame shape."""
+        routing_id = frames[0]
+        if len(frames) == 2:  # DEALER that sends no empty delimiter
+            envelope, body = [routing_id], frames[1]
+        elif len(frames) == 3 and frames[1] == b"":  # REQ, or DEALER with a delimiter
+            envelope, body = [routing_id, b""], frames[2]
+        else:
+            log.debug("refusing a %d-frame message", len(frames))
+            self.reply([routing_id, b""], error_reply(None, InvalidParams(
+                "a request is one body frame, optionally after one empty delimiter frame")))
+            return
+        try:
+            message = decode(body, self.config.max_request_bytes)
+        except SimulatorError as error:
+            self.reply(envelope, error_reply(None, error))
+            return
+        request_id = request_id_in(message)
+        try:
+            session = self._session_for(routing_id, connection, curve_key)
+            session.last_active = time.monotonic()
+            request = parse_request(message)
+            log.debug("session %s: %s %r", session.session_id, request.method, request_id)
+            self.dispatch(session, envelope, request, body)
+        except SimulatorError as error:
+            self.reply(envelope, error_reply(request_id, error))
+        except Exception:
+            log.exception("internal error answering %r", message.get("method"))
+            self.reply(envelope, error_reply(request_id, InternalError("the server failed; see its log")))
+
+    def _session_for(self, routing_id: bytes, connection: Optional[int], curve_key: Optional[str]) -> Session:
+        key = session_key(routing_id, connection)
+        session = self.sessions.get(key)
+        if session is None:
+            return self.sessions.open(key, routing_id, connection, curve_key)
+        if session.curve_key != curve_key:
+            log.warning("session %s: refused a request from another CURVE key", session.session_id)
+            raise InvalidParams("this session was opened by another client key")
+        return session
+
+    def dispatch(self, session: Session, envelope: List[bytes], request: Request, body: bytes) -> None:
+        method = request.method
+        if method in LOOP_METHODS:
+            self.reply(envelope, self.answer_in_loop(session, request))
+        elif method in SIMULATOR_METHODS:
+            self.router.forward(session, envelope, request, body)
+        else:
+            raise UnknownMethod(f"unknown method {method!r}; methods: {', '.join(LOOP_METHODS + SIMULATOR_METHODS)}")
+
+    def answer_in_loop(self, session: Session, request: Request) -> bytes:
+        if request.method == "list_tasks":
+            suite = request.fields.get("suite")
+            if suite is None:
+                return ok_reply(request.request_id, tasks=self.catalog.list_tasks())
+            if not isinstance(suite, str):
+                raise InvalidParams("suite must be a string")
+            return ok_reply(request.request_id, tasks=self.catalog.list_suite(suite))
+        if request.method == "get_info":
+            return ok_reply(request.request_id, **self.session_info(session))
+        if request.method == "ping":
+            return ok_reply(request.request_id, server_version=SERVER_VERSION, busy=session.pending is not None)
+        self.sessions.end(session, "disconnected")
+        return ok_reply(request.request_id)
+
+    def session_info(self, session: Session) -> Dict[str, Any]:
+        backend = self.backend_info
+        return {
+            "backend_name": backend.get("backend_name", self.config.simulator),
+            "backend_version": backend.get("backend_version", "unknown"),
+            "server_version": SERVER_VERSION,
+            "current_task": session.current_task,
+            "session_id": session.session_id,
+            "sim_pid": session.worker.pid if session.worker else None,
+            "active_sessions": len(self.sessions),
+            "simulator_sessions": self.sessions.with_simulator(),
+            "max_sessions": self.config.max_sessions,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            **{key: backend[key] for key in PROVENANCE_KEYS if key in backend},
+        }
+
+    # Replies and shutdown ---------------------------------------------------
+
+    def reply(self, envelope: List[bytes], body: bytes) -> None:
+        """Never blocks: a client that vanished or stopped reading loses its reply, not our loop."""
+        try:
+            self.frontend.send_multipart(envelope + [body], flags=zmq.NOBLOCK, copy=len(body) < 65536)
+        except zmq.ZMQError as error:
+            log.debug("reply to %r dropped: %s", envelope[0], error)
+
+    def shutdown(self) -> None:
+        """Close every simulator (killing those that will not close), then the sockets."""
+        log.info("shutting down %d sessions", len(self.sessions))
+        self.sessions.close_all()
+        self.connections.close()
+        self.frontend.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
+        self.context.term()
+        log.info("stopped")
 
 
 # --- main --------------------------------------------------------------------

@@ -19,9 +19,9 @@ import msgpack
 import numpy as np
 
 import sim_client
-from test_sim import ServerProcess, children_of, wait_until
+from harness_sim import ServerProcess, children_of, wait_until
 
-SESSION_TIMEOUT_S = 2
+SESSION_TIMEOUT_S = 1
 
 
 def rss_kib(pid: int) -> int:

@@ -1,9 +1,11 @@
-"""Tests for the simulator server and client, against real server processes over real sockets.
+"""Tests for the simulator server, its backends and its client: real server processes over real
+sockets (harness_sim.py), real simulators, grouped by capability.
 
-    pip install -r requirements.txt && python -m pytest test_sim.py
+    python -m pytest test_sim.py                 # everything, LIBERO included (what CI runs)
+    python -m pytest test_sim.py -m "not libero"  # the quick run: no LIBERO
+    python -m pytest test_sim.py -m "not libero and not slow"
 
-Mock-backend tests cover the protocol, errors, sessions and faults; LIBERO
-tests (at the end) run the real simulator on this machine's renderer.
+Markers: `libero` needs LIBERO (and renders); `slow` starts other real simulators or soaks.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import msgpack
 import numpy as np
@@ -28,117 +28,20 @@ from hypothesis import strategies as st
 import sim_client
 import sim_server
 from backends.base import InvalidParams
+from harness_sim import (
+    HERE,
+    REPLY_TIMEOUT_MS,
+    ServerProcess,
+    children_of,
+    free_port,
+    in_process_rollout,
+    libero_suite,
+    pid_alive,
+    running_server,
+    wait_until,
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-START_TIMEOUT_S = 60
-REPLY_TIMEOUT_MS = 30_000
-
-
-# --- helpers -----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class RawClient:
-    """A client written only from the protocol text: a DEALER, an empty delimiter, a msgpack map."""
-
-    def __init__(self, address: str, socket_type: int = zmq.DEALER, delimiter: bool = True) -> None:
-        self.socket = zmq.Context.instance().socket(socket_type)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-        self.delimiter = delimiter and socket_type == zmq.DEALER
-
-    def send_body(self, body: bytes) -> None:
-        self.socket.send_multipart([b"", body] if self.delimiter else [body])
-
-    def receive(self, timeout_ms: int = REPLY_TIMEOUT_MS) -> dict:
-        assert self.socket.poll(timeout_ms), "no reply from the server"
-        frames = self.socket.recv_multipart()
-        return sim_client.decode(frames[-1])
-
-    def request(self, method: str, timeout_ms: int = REPLY_TIMEOUT_MS, **fields) -> dict:
-        self.send_body(sim_client.encode(dict(fields, method=method)))
-        return self.receive(timeout_ms)
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-
-
-class ServerProcess:
-    """`python sim_server.py` on a free loopback port, stopped with SIGTERM."""
-
-    def __init__(self, simulator: str = "mock", *args: str, env: dict | None = None, address: str | None = None,
-                 stderr=None, probe_keys: dict | None = None) -> None:
-        self.address = address or f"tcp://127.0.0.1:{free_port()}"
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "sim_server.py"), "--simulator", simulator,
-             "--bind", self.address.replace("127.0.0.1", "0.0.0.0") if address else self.address,
-             "--log-level", "WARNING", *args],
-            env={**os.environ, **(env or {})}, cwd=HERE, stderr=stderr)
-        self._wait_until_serving(probe_keys)
-
-    def _wait_until_serving(self, probe_keys: dict | None) -> None:
-        if probe_keys is not None:
-            with sim_client.SimulatorClient(self.address, timeout_s=START_TIMEOUT_S, **probe_keys) as probe:
-                probe.ping()
-            return
-        deadline = time.monotonic() + START_TIMEOUT_S
-        probe = RawClient(self.address)
-        try:
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, "server exited during start-up"
-                probe.send_body(sim_client.encode({"method": "ping"}))
-                if probe.socket.poll(500):
-                    probe.socket.recv_multipart()
-                    probe.request("disconnect")
-                    return
-        finally:
-            probe.close()
-        raise AssertionError("server did not start")
-
-    def client(self, **kwargs) -> RawClient:
-        return RawClient(self.address, **kwargs)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-
-@contextmanager
-def running_server(simulator: str = "mock", *args: str, env: dict | None = None):
-    server = ServerProcess(simulator, *args, env=env)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
-        return stat.read().split(")")[-1].split()[0] != "Z"
-
-
-def wait_until(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def children_of(pid: int) -> list:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line) for line in out.split()]
-
+# --- shared fixtures and assertions ------------------------------------------
 
 ZERO_ACTION = np.zeros(7, dtype=np.float32)
 
@@ -147,6 +50,15 @@ def assert_error(reply: dict, error_type: str) -> None:
     assert reply["status"] == "error", reply
     assert reply["error_type"] == error_type, reply
     assert isinstance(reply["message"], str) and reply["message"]
+
+
+def assert_same_observations(remote: list, local: list) -> None:
+    assert len(remote) == len(local)
+    for remote_obs, local_obs in zip(remote, local):
+        assert set(remote_obs) == set(local_obs)
+        for key in local_obs:
+            assert remote_obs[key].dtype == local_obs[key].dtype, key
+            assert np.array_equal(remote_obs[key], local_obs[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +212,7 @@ def test_session_cap_answers_server_busy():
 
 
 def test_second_request_while_one_runs_is_server_busy(raw):
-    raw.request("load_task", task_name="reach_center", step_sleep_s=1.0)
+    raw.request("load_task", task_name="reach_center", step_sleep_s=0.5)
     raw.request("reset")
     raw.send_body(sim_client.encode({"method": "step", "action": ZERO_ACTION, "request_id": 1}))
     busy = raw.request("reset", request_id=2)
@@ -363,7 +275,7 @@ def test_oversize_request_is_dropped_without_harming_others():
         victim, attacker = server.client(), server.client()
         victim.request("load_task", task_name="reach_center")
         attacker.send_body(b"\x00" * 200_000)
-        assert not attacker.socket.poll(1000)  # libzmq drops the connection, no reply
+        assert not attacker.socket.poll(500)  # libzmq drops the connection, no reply
         assert victim.request("reset")["status"] == "ok"
 
 
@@ -463,7 +375,7 @@ def test_simulator_crash_mid_step_answers_the_pending_request(raw):
 
 def test_slow_step_does_not_stall_other_sessions(mock_server):
     slow, other = mock_server.client(), mock_server.client()
-    slow.request("load_task", task_name="reach_center", step_sleep_s=2.0)
+    slow.request("load_task", task_name="reach_center", step_sleep_s=1.0)
     slow.request("reset")
     other.request("load_task", task_name="reach_center")
     other.request("reset")
@@ -477,7 +389,7 @@ def test_slow_step_does_not_stall_other_sessions(mock_server):
 
 
 def test_hung_simulator_is_killed_after_step_timeout():
-    with running_server("mock", "--step-timeout", "1", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+    with running_server("mock", "--step-timeout", "0.5", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
         hung, bystander = server.client(), server.client()
         hung.request("load_task", task_name="reach_center", hang_at_step=1)
         hung.request("reset")
@@ -500,13 +412,17 @@ def test_idle_session_is_reaped_with_its_process():
         assert after["session_id"] != info["session_id"] and after["sim_pid"] is None
 
 
-def test_retried_request_id_does_not_step_twice(raw):
+def test_a_session_that_keeps_switching_tasks_gets_a_fresh_simulator_process(raw):
     raw.request("load_task", task_name="reach_center")
-    raw.request("reset")
-    first = raw.request("step", action=np.ones(7), request_id="step-1")
-    again = raw.request("step", action=np.ones(7), request_id="step-1")
-    assert first["info"]["step"] == again["info"]["step"] == 1
-    assert raw.request("step", action=np.ones(7), request_id="step-2")["info"]["step"] == 2
+    first_pid = raw.request("get_info")["sim_pid"]
+    pids = []
+    for switch in range(sim_server.MAX_TASKS_PER_WORKER + 1):
+        assert raw.request("load_task", task_name=["reach_corner", "reach_floor"][switch % 2])["status"] == "ok"
+        pids.append(raw.request("get_info")["sim_pid"])
+    assert pids[:-1] == [first_pid] * sim_server.MAX_TASKS_PER_WORKER
+    assert pids[-1] != first_pid
+    assert wait_until(lambda: not pid_alive(first_pid))
+    assert raw.request("reset")["status"] == "ok"
 
 
 def test_sigterm_closes_every_simulator_and_exits_zero():
@@ -537,308 +453,67 @@ def test_server_sigkill_takes_its_simulators_with_it():
     assert wait_until(lambda: not pid_alive(pid))
 
 
-# --- configuration and registry ----------------------------------------------
+# --- session identity, reconnects and exactly-once steps ---------------------
 
-def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "sim_server.py", *args], cwd=HERE, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
-
-
-def test_help_documents_every_setting_with_its_env_var():
-    out = run_server_cli("--help", env={"SIM_SESSION_TIMEOUT_S": "42"}).stdout
-    for _flag, env_var, *_ in sim_server.SETTINGS:
-        assert env_var in out
-    assert "now 42.0" in out
+def test_retried_request_id_does_not_step_twice(raw):
+    raw.request("load_task", task_name="reach_center")
+    raw.request("reset")
+    first = raw.request("step", action=np.ones(7), request_id="step-1")
+    again = raw.request("step", action=np.ones(7), request_id="step-1")
+    assert first["info"]["step"] == again["info"]["step"] == 1
+    assert raw.request("step", action=np.ones(7), request_id="step-2")["info"]["step"] == 2
 
 
-def test_flags_override_env_which_overrides_defaults(monkeypatch):
-    monkeypatch.setenv("SIM_SESSION_TIMEOUT_S", "12")
-    monkeypatch.setenv("SIM_BIND_ADDRESS", "tcp://127.0.0.1:7000")
-    config = sim_server.parse_config(["--max-sessions", "3"])
-    assert (config.session_timeout_s, config.max_sessions, config.bind) == (12.0, 3, "tcp://127.0.0.1:7000")
-    assert sim_server.parse_config(["--port", "6000"]).bind == "tcp://*:6000"
-    assert sim_server.parse_config(["--session-timeout", "5"]).session_timeout_s == 5.0
-
-
-def test_unknown_simulator_exits_listing_available_ones():
-    result = run_server_cli("--simulator", "warp_drive")
-    assert result.returncode == 2
-    assert "mock" in result.stderr and "libero" in result.stderr
-
-
-def test_mock_server_never_imports_a_heavy_simulator():
-    code = ("import sys, sim_server; from backends import get_backend; get_backend('mock')().list_tasks(); "
-            "sys.exit(any(m in sys.modules for m in ('robosuite', 'mujoco', 'libero')))")
-    assert subprocess.run([sys.executable, "-c", code], cwd=HERE).returncode == 0
-
-
-# --- sim_client.py -----------------------------------------------------------
-
-def test_client_raises_typed_errors(mock_server):
-    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as sim:
-        with pytest.raises(sim_client.TaskNotFound, match="reach_center"):
-            sim.load_task("nowhere")
-        with pytest.raises(sim_client.NoTaskLoaded):
-            sim.reset()
-        sim.load_task("reach_center")
-        with pytest.raises(sim_client.NotReset):
-            sim.step(ZERO_ACTION)
-        observation, info = sim.reset(init_state_index=2)
-        with pytest.raises(sim_client.InvalidParams):
-            sim.step(np.zeros(2))
-        result = sim.step(ZERO_ACTION)
-        assert result["info"]["step"] == 1 and observation["image"].dtype == np.uint8
-        with pytest.raises(sim_client.UnknownMethod):
-            sim.call("teleport")
-        assert issubclass(sim_client.ServerBusy, sim_client.ServerError)
-
-
-def test_client_times_out_clearly_against_a_dead_server():
-    sim = sim_client.SimulatorClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.5)
-    with pytest.raises(sim_client.ServerTimeout, match="no reply to list_tasks"):
-        sim.list_tasks()
-    with pytest.raises(sim_client.ServerTimeout):
-        sim.ping()
-    sim.disconnect()
-
-
-def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3)
-    sim.load_task("reach_center", step_sleep_s=1.0)
-    sim.reset()
-    with pytest.raises(sim_client.ServerTimeout):
-        sim.step(ZERO_ACTION)
-    tasks = sim.list_tasks()  # the step's late reply reaches this socket and is dropped
-    assert tasks == ["reach_center", "reach_corner", "reach_floor"]
-    sim.disconnect()
-
-
-def test_client_cli_runs_the_lifecycle(mock_server):
-    result = subprocess.run([sys.executable, "sim_client.py", "--address", mock_server.address, "--steps", "5"],
-                            cwd=HERE, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "steps: 5" in result.stdout and "image" in result.stdout
-
-
-def test_client_runs_on_python_38_syntax():
-    import ast
-    with open(os.path.join(HERE, "sim_client.py")) as client_file:
-        source = client_file.read()
-    tree = ast.parse(source, feature_version=(3, 8))
-    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
-                 for alias in node.names}
-    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
-    assert top_level - set(sys.stdlib_module_names) - {"__future__"} == {"msgpack", "numpy", "zmq"}
-    everywhere = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                  for alias in node.names}
-    everywhere |= {node.module.split(".")[0] for node in ast.walk(tree)
-                   if isinstance(node, ast.ImportFrom) and node.module}
-    optional = everywhere - top_level - set(sys.stdlib_module_names)
-    assert optional == {"tqdm", "imageio", "matplotlib"}  # each imported inside a try: ... except ImportError
-
-
-# --- LIBERO: the real simulator, rendered on this machine --------------------
-
-LIBERO_SUITE = "libero_spatial"
-SMALL_CAMERA = {"camera_width": 64, "camera_height": 64}
-
-
-def libero_suite(name: str):
-    from libero.libero import benchmark
-
-    return benchmark.get_benchmark_dict()[name]()
-
-
-@pytest.fixture(scope="module")
-def libero_server():
-    env = {"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE}
-    with running_server("libero", "--max-sessions", "3", env=env) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def libero_session(libero_server):
-    """One small-camera session on the first spatial task, shared by the cheap tests."""
-    client = libero_server.client()
-    reply = client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0], **SMALL_CAMERA)
-    assert reply["status"] == "ok", reply
-    yield client, reply["task_info"]
-    client.request("disconnect")
-    client.close()
-
-
-def test_libero_lists_the_default_suite(libero_server):
-    client = libero_server.client()
-    assert client.request("list_tasks")["tasks"] == libero_suite(LIBERO_SUITE).get_task_names()
-    assert client.request("get_info")["sim_pid"] is None  # listing started no simulator
-    client.close()
-
-
-@pytest.mark.parametrize("suite_name, horizon", [("libero_spatial", 220), ("libero_object", 280),
-                                                 ("libero_goal", 300), ("libero_10", 520), ("libero_90", 400)])
-def test_libero_task_from_each_standard_suite_loads_and_steps(libero_server, suite_name, horizon):
-    task = libero_suite(suite_name).get_task(0)
-    client = libero_server.client()
+def test_client_resumes_its_session_across_dropped_connections_without_losing_a_step(mock_server):
+    actions = np.random.default_rng(8).uniform(-1, 1, (3, 7))
+    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as reference:
+        reference.load_task("reach_corner")
+        reference.reset(init_state_index=3)
+        expected = [reference.step(a) for a in actions]
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.25, retries=6)
     try:
-        task_info = client.request("load_task", task_name=f"{suite_name}/{task.name}", **SMALL_CAMERA)["task_info"]
-        assert (task_info["suite"], task_info["language"]) == (suite_name, task.language)
-        assert task_info["max_episode_steps"] == horizon and task_info["num_init_states"] == 50
-        assert task_info["cameras"] == ["agentview", "robot0_eye_in_hand"] and task_info["control_freq"] == 20
-        assert task_info["action_spec"]["action"]["shape"] == [7]
-        assert task_info["observation_spec"]["agentview_image"] == {"shape": [64, 64, 3], "dtype": "|u1"}
-        observation = client.request("reset")["observation"]
-        assert observation["agentview_image"].shape == (64, 64, 3)
-        step = client.request("step", action=np.zeros(7))
-        assert step["status"] == "ok" and step["info"]["step"] == 1
-        assert set(step["observation"]) == set(task_info["observation_spec"])
+        sim.load_task("reach_corner", step_sleep_s=0.6)  # every step outlasts a timeout: the socket is rebuilt
+        sim.reset(init_state_index=3)
+        session_id = sim.get_info()["session_id"]
+        results = [sim.step(a) for a in actions]
+        assert [r["info"]["step"] for r in results] == [1, 2, 3]  # none lost, none repeated
+        assert_same_observations([r["observation"] for r in results], [e["observation"] for e in expected])
+        assert sim.get_info()["session_id"] == session_id
     finally:
-        client.request("disconnect")
-        client.close()
+        sim.disconnect()
 
 
-def in_process_env(suite_name: str, task_index: int, size: int):
-    """(OffScreenRenderEnv, task name, init states) as an in-process evaluation builds them."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    from libero.libero import get_libero_path
-    from libero.libero.envs import OffScreenRenderEnv
-
-    suite = libero_suite(suite_name)
-    task = suite.get_task(task_index)
-    env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
-                                                         task.bddl_file), camera_heights=size, camera_widths=size)
-    return env, task.name, suite.get_task_init_states(task_index)
-
-
-def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, actions, size: int, seed: int = 7):
-    """LIBERO exactly as an in-process evaluation runs it: fresh env, seed, reset, init state, settle, steps."""
-    env, _, init_states = in_process_env(suite_name, task_index, size)
+def test_a_second_connection_presenting_a_live_sessions_identity_gets_nothing(mock_server):
+    identity = sim_client.new_identity()
+    victim = mock_server.client(routing_id=identity)
+    thief = mock_server.client(routing_id=identity)
     try:
-        env.seed(seed)
-        env.reset()
-        observation = env.set_init_state(init_states[init_state_index])
-        for _ in range(10):
-            observation, _, _, _ = env.step([0.0] * 6 + [-1.0])
-        observations = [observation]
-        for action in actions:
-            observation, _, _, _ = env.step(action)
-            observations.append(observation)
-        return observations
+        victim.request("load_task", task_name="reach_center")
+        thief.send_body(sim_client.encode({"method": "get_info"}))
+        assert not thief.socket.poll(800)  # libzmq refuses a duplicate routing id (no ROUTER_HANDOVER)
+        assert victim.request("get_info")["current_task"] == "reach_center"
     finally:
-        env.close()
+        victim.request("disconnect")
+        victim.close()
+        thief.close()
 
 
-def assert_same_observations(remote: list, local: list) -> None:
-    assert len(remote) == len(local)
-    for remote_obs, local_obs in zip(remote, local):
-        assert set(remote_obs) == set(local_obs)
-        for key in local_obs:
-            assert remote_obs[key].dtype == local_obs[key].dtype, key
-            assert np.array_equal(remote_obs[key], local_obs[key]), key
+@pytest.mark.parametrize("identity", [b"victim-1", b"\x00\x12\x34\x56\x78"])
+def test_guessable_identities_are_not_resumable_by_another_connection(mock_server, identity):
+    """Short client-chosen ids and libzmq-style ids (leading zero) live and die with their connection."""
+    victim = mock_server.client(routing_id=identity)
+    victim.request("load_task", task_name="reach_center")
+    victim_info = victim.request("get_info")
+    victim.close()
+    assert wait_until(lambda: not pid_alive(victim_info["sim_pid"]))  # its session ended with the connection
+    attacker = mock_server.client(routing_id=identity)
+    info = attacker.request("get_info")
+    assert info["session_id"] != victim_info["session_id"] and info["current_task"] is None
+    attacker.request("disconnect")
+    attacker.close()
 
 
-def test_libero_remote_rollouts_are_bit_identical_to_in_process(libero_server):
-    """Covers a fresh load (hard reset) and a later episode on the kept model (fast reset)."""
-    actions = np.random.default_rng(0).uniform(-1, 1, (6, 7))
-    client = libero_server.client()
-    try:
-        task_name = libero_suite(LIBERO_SUITE).get_task_names()[1]
-        client.request("load_task", task_name=task_name, camera_width=96, camera_height=96)
-        remote = {}
-        for init_state_index in (0, 3):
-            observations = [client.request("reset", init_state_index=init_state_index)["observation"]]
-            observations += [client.request("step", action=a)["observation"] for a in actions]
-            remote[init_state_index] = observations
-    finally:
-        client.request("disconnect")
-        client.close()
-    for init_state_index, observations in remote.items():
-        assert_same_observations(observations, in_process_rollout(LIBERO_SUITE, 1, init_state_index, actions, 96))
-
-
-def test_libero_reset_walks_init_states_and_takes_an_index(libero_session):
-    client, task_info = libero_session
-    walked = [client.request("reset")["info"]["init_state_index"] for _ in range(2)]
-    assert walked == [0, 1]
-    assert client.request("reset", init_state_index=7)["info"]["init_state_index"] == 7
-    assert client.request("reset")["info"]["init_state_index"] == 8
-    assert_error(client.request("reset", init_state_index=task_info["num_init_states"]), "invalid_params")
-    assert_error(client.request("reset", init_state_index=-1), "invalid_params")
-
-
-def test_libero_init_states_give_different_scenes(libero_session):
-    client, _ = libero_session
-    first = client.request("reset", init_state_index=0)["observation"]
-    second = client.request("reset", init_state_index=1)["observation"]
-    again = client.request("reset", init_state_index=0)["observation"]
-    assert not np.array_equal(first["object-state"], second["object-state"])
-    assert_same_observations([again], [first])
-
-
-def test_libero_rejects_bad_actions(libero_session):
-    client, _ = libero_session
-    client.request("reset")
-    for bad in (np.zeros(6), np.array([np.nan] * 7), np.array([np.inf] * 7), np.zeros((2, 3, 7)), ["x"] * 7):
-        assert_error(client.request("step", action=bad), "invalid_params")
-    assert client.request("step", action=np.zeros(7))["info"]["step"] == 1
-
-
-def test_libero_unknown_task_or_suite_names_close_matches(libero_server):
-    client = libero_server.client()
-    reply = client.request("load_task", task_name="libero_spatial/pick_up_the_black_bowl_on_the_plate")
-    assert_error(reply, "task_not_found")
-    assert "pick_up_the_black_bowl" in reply["message"]
-    reply = client.request("load_task", task_name="libero_spatail/anything")
-    assert_error(reply, "task_not_found")
-    assert "libero_spatial" in reply["message"]
-    client.request("disconnect")
-    client.close()
-
-
-def test_libero_truncates_at_max_episode_steps():
-    env = {"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE, "SIM_LIBERO_MAX_EPISODE_STEPS": "3"}
-    with running_server("libero", env=env) as server:
-        client = server.client()
-        task_info = client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
-                                   **SMALL_CAMERA)["task_info"]
-        assert task_info["max_episode_steps"] == 3
-        client.request("reset")
-        truncated = [client.request("step", action=np.zeros(7))["truncated"] for _ in range(3)]
-        assert truncated == [False, False, True]
-        assert_error(client.request("step", action=np.zeros(7)), "not_reset")
-
-
-def test_libero_success_predicate_terminates_the_episode(monkeypatch):
-    """Put the bowl on the plate in the simulator state: LIBERO's own check must end the episode."""
-    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
-    monkeypatch.setenv("SIM_LIBERO_TASK_SUITE", LIBERO_SUITE)
-    from backends.libero import LiberoBackend
-
-    backend = LiberoBackend()
-    try:
-        backend.load_task(backend.list_tasks()[0], **SMALL_CAMERA)  # the bowl onto the plate
-        backend.reset(init_state_index=0)
-        _, _, terminated, _, info = backend.step({"action": np.zeros(7)})
-        assert not terminated and not info["success"]
-        sim = backend.env.env.sim
-        plate = sim.data.body_xpos[sim.model.body_name2id("plate_1_main")].copy()
-        bowl_joint = backend.env.env.objects_dict["akita_black_bowl_1"].joints[-1]
-        sim.data.set_joint_qpos(bowl_joint, np.concatenate([plate + [0, 0, 0.03], [1, 0, 0, 0]]))
-        sim.data.set_joint_qvel(bowl_joint, np.zeros(6))
-        sim.forward()
-        for _ in range(20):
-            observation, reward, terminated, truncated, info = backend.step({"action": np.array([0.0] * 6 + [-1.0])})
-            if terminated:
-                break
-        assert terminated and info["success"] and reward > 0 and not truncated
-        assert "mujoco_warnings" not in info
-        sim.data.qvel[0] = np.nan  # a broken state MuJoCo would silently reset
-        info = backend.step({"action": np.zeros(7)})[4]
-        assert info["mujoco_warnings"].get("mjWARN_BADQVEL", 0) >= 1
-    finally:
-        backend.close()
-
-
-# --- reliability: authentication, reconnects, liveness -----------------------
+# --- authentication (CURVE) --------------------------------------------------
 
 @pytest.fixture(scope="module")
 def curve_keys(tmp_path_factory):
@@ -864,9 +539,9 @@ def test_curve_admits_only_listed_client_keys(curve_keys):
             sessions_before = sim.get_info()["active_sessions"]
             plain = server.client()  # no CURVE at all
             plain.send_body(sim_client.encode({"method": "load_task", "task_name": "reach_center"}))
-            assert not plain.socket.poll(1500)
+            assert not plain.socket.poll(800)
             plain.close()
-            intruder = sim_client.SimulatorClient(server.address, timeout_s=1.5, server_key=keys["server_key"],
+            intruder = sim_client.SimulatorClient(server.address, timeout_s=0.8, server_key=keys["server_key"],
                                                   client_key=str(stranger / "client.key_secret"), retries=0)
             with pytest.raises(sim_client.ServerTimeout, match="CURVE keys"):
                 intruder.load_task("reach_center")
@@ -891,58 +566,33 @@ def test_binding_beyond_loopback_without_curve_warns(tmp_path):
     assert "without CURVE" in log_path.read_text()
 
 
-def test_client_recovers_after_server_restart():
-    address = f"tcp://127.0.0.1:{free_port()}"
-    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
-    sim = sim_client.SimulatorClient(address, timeout_s=1.0)
+def test_curve_session_stays_with_the_key_that_opened_it(curve_keys, tmp_path):
+    folder, allowed, stranger = curve_keys
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "client.key").write_bytes((folder / "client.key").read_bytes())
+    (both / "stranger.key").write_bytes((stranger / "client.key").read_bytes())
+    victim_keys = {"server_key": str(folder / "server.key"), "client_key": str(folder / "client.key_secret")}
+    other_keys = {"server_key": str(folder / "server.key"), "client_key": str(stranger / "client.key_secret")}
+    server = ServerProcess("mock", "--curve-secret-key", str(folder / "server.key_secret"), "--curve-clients",
+                           str(both), env={"SIM_MOCK_IMAGE_SIZE": "8"}, probe_keys=victim_keys)
     try:
-        sim.load_task("reach_center")
-        sim.reset()
-        server.process.kill()
-        server.process.wait()
-        with pytest.raises(sim_client.ServerTimeout, match="no reply to step"):
-            sim.step(ZERO_ACTION)
-        server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
-        with pytest.raises(sim_client.NoTaskLoaded):  # a new server, a new session
-            sim.reset()
-        sim.load_task("reach_center")
-        assert sim.reset()[1]["step"] == 0
+        victim = sim_client.SimulatorClient(server.address, timeout_s=5, **victim_keys)
+        victim.load_task("reach_center")
+        victim._socket.close(linger=0)
+        time.sleep(0.3)
+        thief = sim_client.SimulatorClient(server.address, timeout_s=5, **other_keys)
+        thief.identity = victim.identity  # presents the victim's capability with another key
+        thief._reconnect()
+        with pytest.raises(sim_client.InvalidParams, match="another client key"):
+            thief.get_info()
+        thief._socket.close(linger=0)
+        time.sleep(0.3)
+        victim._connect()
+        assert victim.get_info()["current_task"] == "reach_center"
+        victim.disconnect()
     finally:
-        sim.disconnect()
         server.stop()
-
-
-def test_long_load_is_not_mistaken_for_a_dead_server(mock_server):
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.5, load_timeout_s=30)
-    try:
-        assert sim.load_task("reach_center", load_sleep_s=2.0)["task_name"] == "reach_center"
-    finally:
-        sim.disconnect()
-
-
-def test_frozen_server_is_detected_during_a_long_load():
-    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
-    sim = sim_client.SimulatorClient(server.address, timeout_s=1.0, load_timeout_s=60)
-    try:
-        sim.ping()
-        server.process.send_signal(signal.SIGSTOP)
-        with pytest.raises(sim_client.ServerTimeout, match="nor to a ping"):
-            sim.load_task("reach_center", load_sleep_s=10.0)
-    finally:
-        server.process.send_signal(signal.SIGCONT)
-        sim.disconnect()
-        server.stop()
-
-
-def test_short_soak_leaves_the_server_healthy_and_flat():
-    from soak_sim import run_soak
-
-    result = run_soak(seconds=8, clients=2)
-    assert result["failures"] == 0, result["errors"]
-    assert result["sessions"] > 5 and result["hostile"] > 100 and result["hostile_replies"] > 0
-    assert result["server_alive"] and result["exit_code"] == 0
-    assert result["simulators_left"] == 0
-    assert result["rss_end_kib"] < result["rss_warm_kib"] + 20 * 1024
 
 
 # --- action chunks -----------------------------------------------------------
@@ -982,28 +632,231 @@ def test_bad_action_chunks_are_refused_before_any_step(raw):
     assert raw.request("step", action=ZERO_ACTION)["info"]["step"] == 1
 
 
-def test_libero_action_chunk_matches_single_steps(libero_session):
-    client, _ = libero_session
-    chunk = np.random.default_rng(5).uniform(-0.5, 0.5, (5, 7))
-    client.request("reset", init_state_index=2)
-    singles = [client.request("step", action=row)["observation"] for row in chunk]
-    client.request("reset", init_state_index=2)
-    reply = client.request("step", action=chunk)
-    assert reply["steps_run"] == 5 and reply["info"]["step"] == 5
-    assert_same_observations([reply["observation"]], [singles[-1]])
+# --- configuration and registry ----------------------------------------------
+
+def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sim_server.py", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
 
 
-def test_a_session_that_keeps_switching_tasks_gets_a_fresh_simulator_process(raw):
-    raw.request("load_task", task_name="reach_center")
-    first_pid = raw.request("get_info")["sim_pid"]
-    pids = []
-    for switch in range(sim_server.MAX_TASKS_PER_WORKER + 1):
-        assert raw.request("load_task", task_name=["reach_corner", "reach_floor"][switch % 2])["status"] == "ok"
-        pids.append(raw.request("get_info")["sim_pid"])
-    assert pids[:-1] == [first_pid] * sim_server.MAX_TASKS_PER_WORKER
-    assert pids[-1] != first_pid
-    assert wait_until(lambda: not pid_alive(first_pid))
-    assert raw.request("reset")["status"] == "ok"
+def test_help_documents_every_setting_with_its_env_var():
+    out = run_server_cli("--help", env={"SIM_SESSION_TIMEOUT_S": "42"}).stdout
+    for _flag, env_var, *_ in sim_server.SETTINGS:
+        assert env_var in out
+    assert "now 42.0" in out
+
+
+def test_flags_override_env_which_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("SIM_SESSION_TIMEOUT_S", "12")
+    monkeypatch.setenv("SIM_BIND_ADDRESS", "tcp://127.0.0.1:7000")
+    config = sim_server.parse_config(["--max-sessions", "3"])
+    assert (config.session_timeout_s, config.max_sessions, config.bind) == (12.0, 3, "tcp://127.0.0.1:7000")
+    assert sim_server.parse_config(["--port", "6000"]).bind == "tcp://*:6000"
+    assert sim_server.parse_config(["--session-timeout", "5"]).session_timeout_s == 5.0
+
+
+def test_unknown_simulator_exits_listing_available_ones():
+    result = run_server_cli("--simulator", "warp_drive")
+    assert result.returncode == 2
+    assert "mock" in result.stderr and "libero" in result.stderr
+
+
+def test_mock_server_never_imports_a_heavy_simulator():
+    code = ("import sys, sim_server; from backends import get_backend; get_backend('mock')().list_tasks(); "
+            "sys.exit(any(m in sys.modules for m in ('robosuite', 'mujoco', 'libero')))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=HERE).returncode == 0
+
+
+# --- sim_client.py: errors, timeouts, liveness -------------------------------
+
+def test_client_raises_typed_errors(mock_server):
+    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as sim:
+        with pytest.raises(sim_client.TaskNotFound, match="reach_center"):
+            sim.load_task("nowhere")
+        with pytest.raises(sim_client.NoTaskLoaded):
+            sim.reset()
+        sim.load_task("reach_center")
+        with pytest.raises(sim_client.NotReset):
+            sim.step(ZERO_ACTION)
+        observation, info = sim.reset(init_state_index=2)
+        with pytest.raises(sim_client.InvalidParams):
+            sim.step(np.zeros(2))
+        result = sim.step(ZERO_ACTION)
+        assert result["info"]["step"] == 1 and observation["image"].dtype == np.uint8
+        with pytest.raises(sim_client.UnknownMethod):
+            sim.call("teleport")
+        assert issubclass(sim_client.ServerBusy, sim_client.ServerError)
+
+
+def test_ping_returns_the_round_trip_and_every_server_error_type_has_its_own_exception(mock_server):
+    from backends.base import SimulatorError
+
+    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as sim:
+        assert 0 < sim.ping() < 30
+    server_types = {cls.error_type for cls in SimulatorError.__subclasses__()}
+    assert server_types == set(sim_client.ERROR_CLASSES)
+    assert len(set(sim_client.ERROR_CLASSES.values())) == len(server_types)
+    unknown = sim_client.ServerError("new kind", "a_future_error")
+    assert unknown.error_type == "a_future_error" and sim_client.InternalError("x").error_type == "internal_error"
+
+
+def test_client_times_out_clearly_against_a_dead_server():
+    sim = sim_client.SimulatorClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.3, retries=0)
+    with pytest.raises(sim_client.ServerTimeout, match="no reply to list_tasks"):
+        sim.list_tasks()
+    with pytest.raises(sim_client.ServerTimeout):
+        sim.ping()
+    sim.disconnect()
+
+
+def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.2, retries=0)
+    sim.load_task("reach_center", step_sleep_s=0.5)
+    sim.reset()
+    with pytest.raises(sim_client.ServerTimeout):
+        sim.step(ZERO_ACTION)
+    tasks = sim.list_tasks()  # the step's late reply reaches this socket and is dropped
+    assert tasks == ["reach_center", "reach_corner", "reach_floor"]
+    sim.disconnect()
+
+
+def test_client_cli_runs_the_lifecycle(mock_server):
+    result = subprocess.run([sys.executable, "sim_client.py", "--address", mock_server.address, "--steps", "5"],
+                            cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "steps: 5" in result.stdout and "image" in result.stdout
+
+
+def test_client_runs_on_python_38_syntax():
+    import ast
+    with open(os.path.join(HERE, "sim_client.py")) as client_file:
+        source = client_file.read()
+    tree = ast.parse(source, feature_version=(3, 8))
+    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+                 for alias in node.names}
+    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert top_level - set(sys.stdlib_module_names) - {"__future__"} == {"msgpack", "numpy", "zmq"}
+    everywhere = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                  for alias in node.names}
+    everywhere |= {node.module.split(".")[0] for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and node.module}
+    optional = everywhere - top_level - set(sys.stdlib_module_names)
+    assert optional == {"tqdm", "imageio", "matplotlib"}  # each imported inside a try: ... except ImportError
+
+
+def test_client_recovers_after_server_restart():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
+    sim = sim_client.SimulatorClient(address, timeout_s=0.5, retries=1)
+    try:
+        sim.load_task("reach_center")
+        sim.reset()
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(sim_client.ServerTimeout, match="no reply to step"):
+            sim.step(ZERO_ACTION)
+        server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
+        with pytest.raises(sim_client.NoTaskLoaded):  # a new server, a new session
+            sim.reset()
+        sim.load_task("reach_center")
+        assert sim.reset()[1]["step"] == 0
+    finally:
+        sim.disconnect()
+        server.stop()
+
+
+def test_long_load_is_not_mistaken_for_a_dead_server(mock_server):
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3, load_timeout_s=30)
+    try:
+        assert sim.load_task("reach_center", load_sleep_s=1.2)["task_name"] == "reach_center"
+    finally:
+        sim.disconnect()
+
+
+def test_frozen_server_is_detected_during_a_long_load():
+    server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
+    sim = sim_client.SimulatorClient(server.address, timeout_s=0.5, load_timeout_s=60, retries=0)
+    try:
+        sim.ping()
+        server.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(sim_client.ServerTimeout, match="nor to a ping"):
+            sim.load_task("reach_center", load_sleep_s=10.0)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        sim.disconnect()
+        server.stop()
+
+
+# --- evaluation runner -------------------------------------------------------
+
+def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_path):
+    # 20 episodes of about 0.2 s over 2 sessions: the kill at 0.8 s lands mid-run.
+    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "10"}
+    doomed, survivor = ServerProcess("mock", env=env), ServerProcess("mock", env=env)
+    results_path = tmp_path / "results.json"
+    try:
+        killer = threading.Timer(0.8, doomed.process.kill)
+        killer.start()
+        evaluation = sim_client.Evaluation([doomed.address, survivor.address], sim_client.load_policy("random"),
+                                           ["reach_center", "reach_floor"], episodes=10, parallel=2,
+                                           results_path=str(results_path), video_dir=str(tmp_path / "videos"),
+                                           timeout_s=0.5)
+        results = evaluation.run()
+        killer.join()
+    finally:
+        doomed.stop()
+        survivor.stop()
+    assert sorted((r["task"], r["init_state_index"]) for r in results) == \
+        sorted((t, i) for t in ["reach_center", "reach_floor"] for i in range(10))
+    assert all(r["steps"] == 20 or r["success"] for r in results)
+    assert evaluation.retried, "the killed server's in-flight episodes must be retried"
+    assert any(r["attempts"] > 1 and r["address"] == survivor.address for r in results)
+    saved = json.loads(results_path.read_text())
+    assert len(saved["episodes"]) == 20 and saved["retried"]
+    assert all(os.path.exists(r["video"]) for r in results)
+    rows = sim_client.summarize(results)
+    assert rows[-1][0] == "overall" and rows[-1][1] == 20
+
+
+def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
+    results_path = str(tmp_path / "results.json")
+    arguments = ["eval", "--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3",
+                 "--results", results_path, "--chart", str(tmp_path / "chart.png")]
+    first = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "overall" in first.stdout and "reach_center" in first.stdout
+    arguments[arguments.index("3")] = "5"
+    second = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    with open(results_path) as results_file:
+        episodes = json.load(results_file)["episodes"]
+    assert [e["init_state_index"] for e in episodes] == [0, 1, 2, 3, 4]  # 0-2 were kept, not rerun
+
+
+def test_results_file_records_servers_and_the_task_settings_that_decide_the_score(tmp_path, mock_server):
+    results_path = tmp_path / "results.json"
+    sim_client.Evaluation([mock_server.address], sim_client.load_policy("zero"), ["reach_center"], episodes=1,
+                          results_path=str(results_path)).run()
+    saved = json.loads(results_path.read_text())
+    server = saved["servers"][mock_server.address]
+    assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
+    assert saved["task_settings"]["reach_center"] == {"max_episode_steps": 100}
+
+
+# --- soak --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_short_soak_leaves_the_server_healthy_and_flat():
+    from soak_sim import run_soak
+
+    result = run_soak(seconds=3, clients=2)
+    assert result["failures"] == 0, result["errors"]
+    assert result["sessions"] > 5 and result["hostile"] > 100 and result["hostile_replies"] > 0
+    assert result["server_alive"] and result["exit_code"] == 0
+    assert result["simulators_left"] == 0
+    assert result["rss_end_kib"] < result["rss_warm_kib"] + 20 * 1024
 
 
 # --- every backend keeps the same contract -----------------------------------
@@ -1040,12 +893,15 @@ def test_mock_backend_passes_protocol_conformance(mock_server):
     check_protocol_conformance(mock_server, "reach_center", np.zeros(7), np.zeros(5))
 
 
+# --- Gymnasium backend -------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def gymnasium_server():
     with running_server("gymnasium") as server:
         yield server
 
 
+@pytest.mark.slow
 def test_gymnasium_backend_passes_protocol_conformance(gymnasium_server):
     task_info = check_protocol_conformance(gymnasium_server, "CartPole-v1", np.int64(1), np.int64(7))
     assert task_info["action_spec"]["action"] == {"shape": [], "dtype": "<i8", "low": 0.0, "high": 1.0}
@@ -1053,6 +909,7 @@ def test_gymnasium_backend_passes_protocol_conformance(gymnasium_server):
     check_protocol_conformance(gymnasium_server, "Hopper-v5", np.zeros(3), np.full(3, 5.0))
 
 
+@pytest.mark.slow
 def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server):
     import gymnasium
 
@@ -1076,6 +933,7 @@ def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server):
     assert_same_observations(remote, local)
 
 
+@pytest.mark.slow
 def test_gymnasium_lists_only_environments_that_can_be_created(gymnasium_server):
     client = gymnasium_server.client()
     tasks = client.request("list_tasks")["tasks"]
@@ -1084,6 +942,8 @@ def test_gymnasium_lists_only_environments_that_can_be_created(gymnasium_server)
     assert "LunarLander-v3" not in tasks  # needs box2d, which is not installed
     assert "Hopper-v3" not in tasks  # needs mujoco-py
 
+
+# --- robosuite backend -------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def robosuite_server():
@@ -1094,12 +954,14 @@ def robosuite_server():
 ROBOSUITE_OPTIONS = {"camera_width": 48, "camera_height": 48}
 
 
+@pytest.mark.slow
 def test_robosuite_backend_passes_protocol_conformance(robosuite_server):
     task_info = check_protocol_conformance(robosuite_server, "Lift", np.zeros(7), np.zeros(3), **ROBOSUITE_OPTIONS)
     assert task_info["robots"] == ["Panda"] and task_info["controller"] == "OSC_POSE"
     assert task_info["observation_spec"]["agentview_image"]["shape"] == [48, 48, 3]
 
 
+@pytest.mark.slow
 def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
     import robosuite
 
@@ -1125,6 +987,7 @@ def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
     assert_same_observations(remote, [dict(observation) for observation in local])
 
 
+@pytest.mark.slow
 def test_robosuite_two_arm_task_gets_two_robots(robosuite_server):
     client = robosuite_server.client()
     task_info = client.request("load_task", task_name="TwoArmLift", cameras=[])["task_info"]
@@ -1134,52 +997,182 @@ def test_robosuite_two_arm_task_gets_two_robots(robosuite_server):
     client.close()
 
 
-# --- evaluation runner -------------------------------------------------------
+# --- LIBERO: the real simulator, rendered on this machine --------------------
 
-def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_path):
-    # 20 episodes of about 0.4 s over 2 sessions: the kill at 1.5 s lands mid-run.
-    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "20"}
-    doomed, survivor = ServerProcess("mock", env=env), ServerProcess("mock", env=env)
-    results_path = tmp_path / "results.json"
+LIBERO_SUITE = "libero_spatial"
+
+
+SMALL_CAMERA = {"camera_width": 64, "camera_height": 64}
+
+
+@pytest.fixture(scope="module")
+def libero_server():
+    env = {"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE}
+    with running_server("libero", "--max-sessions", "3", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def libero_session(libero_server):
+    """One small-camera session on the first spatial task, shared by the cheap tests."""
+    client = libero_server.client()
+    reply = client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0], **SMALL_CAMERA)
+    assert reply["status"] == "ok", reply
+    yield client, reply["task_info"]
+    client.request("disconnect")
+    client.close()
+
+
+@pytest.mark.libero
+def test_libero_lists_the_default_suite(libero_server):
+    client = libero_server.client()
+    assert client.request("list_tasks")["tasks"] == libero_suite(LIBERO_SUITE).get_task_names()
+    assert client.request("get_info")["sim_pid"] is None  # listing started no simulator
+    client.close()
+
+
+@pytest.mark.libero
+@pytest.mark.parametrize("suite_name, horizon", [("libero_spatial", 220), ("libero_object", 280),
+                                                 ("libero_goal", 300), ("libero_10", 520), ("libero_90", 400)])
+def test_libero_task_from_each_standard_suite_loads_and_steps(libero_server, suite_name, horizon):
+    task = libero_suite(suite_name).get_task(0)
+    client = libero_server.client()
     try:
-        killer = threading.Timer(1.5, doomed.process.kill)
-        killer.start()
-        evaluation = sim_client.Evaluation([doomed.address, survivor.address], sim_client.load_policy("random"),
-                                           ["reach_center", "reach_floor"], episodes=10, parallel=2,
-                                           results_path=str(results_path), video_dir=str(tmp_path / "videos"),
-                                           timeout_s=2.0)
-        results = evaluation.run()
-        killer.join()
+        task_info = client.request("load_task", task_name=f"{suite_name}/{task.name}", **SMALL_CAMERA)["task_info"]
+        assert (task_info["suite"], task_info["language"]) == (suite_name, task.language)
+        assert task_info["max_episode_steps"] == horizon and task_info["num_init_states"] == 50
+        assert task_info["cameras"] == ["agentview", "robot0_eye_in_hand"] and task_info["control_freq"] == 20
+        assert task_info["action_spec"]["action"]["shape"] == [7]
+        assert task_info["observation_spec"]["agentview_image"] == {"shape": [64, 64, 3], "dtype": "|u1"}
+        observation = client.request("reset")["observation"]
+        assert observation["agentview_image"].shape == (64, 64, 3)
+        step = client.request("step", action=np.zeros(7))
+        assert step["status"] == "ok" and step["info"]["step"] == 1
+        assert set(step["observation"]) == set(task_info["observation_spec"])
     finally:
-        doomed.stop()
-        survivor.stop()
-    assert sorted((r["task"], r["init_state_index"]) for r in results) == \
-        sorted((t, i) for t in ["reach_center", "reach_floor"] for i in range(10))
-    assert all(r["steps"] == 20 or r["success"] for r in results)
-    assert evaluation.retried, "the killed server's in-flight episodes must be retried"
-    assert any(r["attempts"] > 1 and r["address"] == survivor.address for r in results)
-    saved = json.loads(results_path.read_text())
-    assert len(saved["episodes"]) == 20 and saved["retried"]
-    assert all(os.path.exists(r["video"]) for r in results)
-    rows = sim_client.summarize(results)
-    assert rows[-1][0] == "overall" and rows[-1][1] == 20
+        client.request("disconnect")
+        client.close()
 
 
-def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
-    results_path = str(tmp_path / "results.json")
-    arguments = ["eval", "--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3",
-                 "--results", results_path, "--chart", str(tmp_path / "chart.png")]
-    first = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True, text=True,
-                           timeout=120)
-    assert first.returncode == 0, first.stderr
-    assert "overall" in first.stdout and "reach_center" in first.stdout
-    arguments[arguments.index("3")] = "5"
-    second = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True,
-                            text=True, timeout=120)
-    assert second.returncode == 0, second.stderr
-    with open(results_path) as results_file:
-        episodes = json.load(results_file)["episodes"]
-    assert [e["init_state_index"] for e in episodes] == [0, 1, 2, 3, 4]  # 0-2 were kept, not rerun
+@pytest.mark.libero
+def test_libero_remote_rollouts_are_bit_identical_to_in_process(libero_server):
+    """Covers a fresh load (hard reset) and a later episode on the kept model (fast reset)."""
+    actions = np.random.default_rng(0).uniform(-1, 1, (6, 7))
+    client = libero_server.client()
+    try:
+        task_name = libero_suite(LIBERO_SUITE).get_task_names()[1]
+        client.request("load_task", task_name=task_name, camera_width=96, camera_height=96)
+        remote = {}
+        for init_state_index in (0, 3):
+            observations = [client.request("reset", init_state_index=init_state_index)["observation"]]
+            observations += [client.request("step", action=a)["observation"] for a in actions]
+            remote[init_state_index] = observations
+    finally:
+        client.request("disconnect")
+        client.close()
+    for init_state_index, observations in remote.items():
+        assert_same_observations(observations, in_process_rollout(LIBERO_SUITE, 1, init_state_index, actions, 96))
+
+
+@pytest.mark.libero
+def test_libero_reset_walks_init_states_and_takes_an_index(libero_session):
+    client, task_info = libero_session
+    walked = [client.request("reset")["info"]["init_state_index"] for _ in range(2)]
+    assert walked == [0, 1]
+    assert client.request("reset", init_state_index=7)["info"]["init_state_index"] == 7
+    assert client.request("reset")["info"]["init_state_index"] == 8
+    assert_error(client.request("reset", init_state_index=task_info["num_init_states"]), "invalid_params")
+    assert_error(client.request("reset", init_state_index=-1), "invalid_params")
+
+
+@pytest.mark.libero
+def test_libero_init_states_give_different_scenes(libero_session):
+    client, _ = libero_session
+    first = client.request("reset", init_state_index=0)["observation"]
+    second = client.request("reset", init_state_index=1)["observation"]
+    again = client.request("reset", init_state_index=0)["observation"]
+    assert not np.array_equal(first["object-state"], second["object-state"])
+    assert_same_observations([again], [first])
+
+
+@pytest.mark.libero
+def test_libero_rejects_bad_actions(libero_session):
+    client, _ = libero_session
+    client.request("reset")
+    for bad in (np.zeros(6), np.array([np.nan] * 7), np.array([np.inf] * 7), np.zeros((2, 3, 7)), ["x"] * 7):
+        assert_error(client.request("step", action=bad), "invalid_params")
+    assert client.request("step", action=np.zeros(7))["info"]["step"] == 1
+
+
+@pytest.mark.libero
+def test_libero_unknown_task_or_suite_names_close_matches(libero_server):
+    client = libero_server.client()
+    reply = client.request("load_task", task_name="libero_spatial/pick_up_the_black_bowl_on_the_plate")
+    assert_error(reply, "task_not_found")
+    assert "pick_up_the_black_bowl" in reply["message"]
+    reply = client.request("load_task", task_name="libero_spatail/anything")
+    assert_error(reply, "task_not_found")
+    assert "libero_spatial" in reply["message"]
+    client.request("disconnect")
+    client.close()
+
+
+@pytest.mark.libero
+def test_libero_truncates_at_max_episode_steps():
+    env = {"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE, "SIM_LIBERO_MAX_EPISODE_STEPS": "3"}
+    with running_server("libero", env=env) as server:
+        client = server.client()
+        task_info = client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
+                                   **SMALL_CAMERA)["task_info"]
+        assert task_info["max_episode_steps"] == 3
+        client.request("reset")
+        truncated = [client.request("step", action=np.zeros(7))["truncated"] for _ in range(3)]
+        assert truncated == [False, False, True]
+        assert_error(client.request("step", action=np.zeros(7)), "not_reset")
+
+
+@pytest.mark.libero
+def test_libero_success_predicate_terminates_the_episode(monkeypatch):
+    """Put the bowl on the plate in the simulator state: LIBERO's own check must end the episode."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    monkeypatch.setenv("SIM_LIBERO_TASK_SUITE", LIBERO_SUITE)
+    from backends.libero import LiberoBackend
+
+    backend = LiberoBackend()
+    try:
+        backend.load_task(backend.list_tasks()[0], **SMALL_CAMERA)  # the bowl onto the plate
+        backend.reset(init_state_index=0)
+        _, _, terminated, _, info = backend.step({"action": np.zeros(7)})
+        assert not terminated and not info["success"]
+        sim = backend.env.env.sim
+        plate = sim.data.body_xpos[sim.model.body_name2id("plate_1_main")].copy()
+        bowl_joint = backend.env.env.objects_dict["akita_black_bowl_1"].joints[-1]
+        sim.data.set_joint_qpos(bowl_joint, np.concatenate([plate + [0, 0, 0.03], [1, 0, 0, 0]]))
+        sim.data.set_joint_qvel(bowl_joint, np.zeros(6))
+        sim.forward()
+        for _ in range(20):
+            observation, reward, terminated, truncated, info = backend.step({"action": np.array([0.0] * 6 + [-1.0])})
+            if terminated:
+                break
+        assert terminated and info["success"] and reward > 0 and not truncated
+        assert "mujoco_warnings" not in info
+        sim.data.qvel[0] = np.nan  # a broken state MuJoCo would silently reset
+        info = backend.step({"action": np.zeros(7)})[4]
+        assert info["mujoco_warnings"].get("mjWARN_BADQVEL", 0) >= 1
+    finally:
+        backend.close()
+
+
+@pytest.mark.libero
+def test_libero_action_chunk_matches_single_steps(libero_session):
+    client, _ = libero_session
+    chunk = np.random.default_rng(5).uniform(-0.5, 0.5, (5, 7))
+    client.request("reset", init_state_index=2)
+    singles = [client.request("step", action=row)["observation"] for row in chunk]
+    client.request("reset", init_state_index=2)
+    reply = client.request("step", action=chunk)
+    assert reply["steps_run"] == 5 and reply["info"]["step"] == 5
+    assert_same_observations([reply["observation"]], [singles[-1]])
 
 
 # --- LIBERO evaluation conventions -------------------------------------------
@@ -1191,6 +1184,7 @@ def load_convention(client, convention: str) -> dict:
     return reply["task_info"]
 
 
+@pytest.mark.libero
 def test_libero_openpi_convention_flips_images_and_adds_its_state(libero_session):
     client, _ = libero_session
     load_convention(client, "standard")
@@ -1230,6 +1224,7 @@ def openpi_state(observation: dict) -> np.ndarray:
                            observation["robot0_gripper_qpos"]))
 
 
+@pytest.mark.libero
 @pytest.mark.parametrize("quat", [[0.99, 0.1, 0.0, -0.0003], [-0.99, -0.1, 0.0, 0.0003], [0.0, 0.0, 0.0, 1.0],
                                   [0.0, 0.0, 0.0, -1.0], [0.3, -0.2, 0.1, 1.0000001], [1e-9, 0.0, 0.0, -1.0]])
 def test_openpi_axis_angle_is_openpis_formula_even_where_the_quaternion_flips_sign(quat):
@@ -1239,6 +1234,33 @@ def test_openpi_axis_angle_is_openpis_formula_even_where_the_quaternion_flips_si
     assert np.array_equal(quat_to_axis_angle(quat), openpi_quat2axisangle(quat))
 
 
+@pytest.mark.libero
+def test_libero_lerobot_convention_uses_its_horizon_and_seed(libero_session):
+    client, _ = libero_session
+    task_info = load_convention(client, "lerobot")
+    assert (task_info["max_episode_steps"], task_info["settle_steps"], task_info["seed"]) == (280, 10, 1000)
+    observation = client.request("reset", init_state_index=0)["observation"]
+    assert "state" not in observation and client.request("reset")["info"]["seed"] == 1000
+
+
+@pytest.mark.libero
+def test_libero_raw_convention_is_libero_untouched(libero_session):
+    client, _ = libero_session
+    load_convention(client, "standard")
+    settled = client.request("reset", init_state_index=0, seed=0)["observation"]
+    task_info = load_convention(client, "raw")
+    assert (task_info["settle_steps"], task_info["seed"], task_info["max_episode_steps"]) == (0, 0, 1000)
+    raw = client.request("reset", init_state_index=0)["observation"]
+    assert set(raw) == set(settled) and "state" not in raw
+    assert not np.array_equal(raw["robot0_joint_vel"], settled["robot0_joint_vel"])  # no warm-up ran
+    assert_error(client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
+                                convention="mine"), "invalid_params")
+    load_convention(client, "standard")
+
+
+# --- LIBERO parity with the published stack, and provenance ------------------
+
+@pytest.mark.libero
 def test_libero_task_info_and_get_info_name_the_simulator_stack_and_renderer(libero_session, libero_server):
     import mujoco
 
@@ -1254,16 +1276,7 @@ def test_libero_task_info_and_get_info_name_the_simulator_stack_and_renderer(lib
     assert info["renderer"]["GL_RENDERER"] == task_info["renderer"]["GL_RENDERER"]
 
 
-def test_results_file_records_servers_and_the_task_settings_that_decide_the_score(tmp_path, mock_server):
-    results_path = tmp_path / "results.json"
-    sim_client.Evaluation([mock_server.address], sim_client.load_policy("zero"), ["reach_center"], episodes=1,
-                          results_path=str(results_path)).run()
-    saved = json.loads(results_path.read_text())
-    server = saved["servers"][mock_server.address]
-    assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
-    assert saved["task_settings"]["reach_center"] == {"max_episode_steps": 100}
-
-
+@pytest.mark.libero
 def test_mujoco_outside_the_published_stack_is_warned_about_with_its_consequences():
     from backends.libero import mujoco_parity_warning
 
@@ -1275,8 +1288,7 @@ def test_mujoco_outside_the_published_stack_is_warned_about_with_its_consequence
     assert "not checked" in mujoco_parity_warning("3.1.0")
 
 
-# --- LIBERO parity with the published stack ----------------------------------
-
+@pytest.mark.libero
 def test_parity_check_of_the_ci_subset_passes_on_the_pinned_stack(libero_server, tmp_path):
     rows_path = tmp_path / "parity.json"
     result = subprocess.run([sys.executable, "parity_sim.py", "--address", libero_server.address, "--subset", "ci",
@@ -1290,6 +1302,7 @@ def test_parity_check_of_the_ci_subset_passes_on_the_pinned_stack(libero_server,
     assert "PASS" in result.stdout
 
 
+@pytest.mark.libero
 def test_parity_comparison_fails_a_moved_object_or_a_darker_image():
     import parity_sim
 
@@ -1306,7 +1319,8 @@ def test_parity_comparison_fails_a_moved_object_or_a_darker_image():
     assert not parity_sim.compare(reference, [darker])[1]
 
 
-def test_parity_reference_covers_every_task_of_the_four_paper_suites_twice():
+@pytest.mark.libero
+def test_parity_reference_covers_every_task_of_the_standard_suites_twice():
     from libero.libero import benchmark
 
     import parity_sim
@@ -1314,131 +1328,15 @@ def test_parity_reference_covers_every_task_of_the_four_paper_suites_twice():
     reference = parity_sim.load_reference(parity_sim.REFERENCE_PATH)
     assert reference["stack"]["mujoco"] == "3.2.3" and reference["stack"]["robosuite"] == "1.4.0"
     keys = {parity_sim.probe_key(p) for p in reference["probes"]}
-    for suite in ("libero_spatial", "libero_object", "libero_goal", "libero_10"):
+    for suite in parity_sim.REFERENCE_SUITES:
         tasks = benchmark.get_benchmark_dict()[suite]().n_tasks
         assert {(suite, t, i) for t in range(tasks) for i in (0, 1)} <= keys, suite
 
 
+@pytest.mark.libero
 def test_parity_cli_without_a_server_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "parity_sim.py", "--address", f"tcp://127.0.0.1:{free_port()}",
                              "--subset", "ci", "--timeout", "0.5"], cwd=HERE, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "ServerTimeout" in result.stderr
 
-
-def test_libero_lerobot_convention_uses_its_horizon_and_seed(libero_session):
-    client, _ = libero_session
-    task_info = load_convention(client, "lerobot")
-    assert (task_info["max_episode_steps"], task_info["settle_steps"], task_info["seed"]) == (280, 10, 1000)
-    observation = client.request("reset", init_state_index=0)["observation"]
-    assert "state" not in observation and client.request("reset")["info"]["seed"] == 1000
-
-
-def test_libero_raw_convention_is_libero_untouched(libero_session):
-    client, _ = libero_session
-    load_convention(client, "standard")
-    settled = client.request("reset", init_state_index=0, seed=0)["observation"]
-    task_info = load_convention(client, "raw")
-    assert (task_info["settle_steps"], task_info["seed"], task_info["max_episode_steps"]) == (0, 0, 1000)
-    raw = client.request("reset", init_state_index=0)["observation"]
-    assert set(raw) == set(settled) and "state" not in raw
-    assert not np.array_equal(raw["robot0_joint_vel"], settled["robot0_joint_vel"])  # no warm-up ran
-    assert_error(client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
-                                convention="mine"), "invalid_params")
-    load_convention(client, "standard")
-
-
-# --- exactly-once steps across reconnects ------------------------------------
-
-def test_client_resumes_its_session_across_dropped_connections_without_losing_a_step(mock_server):
-    actions = np.random.default_rng(8).uniform(-1, 1, (3, 7))
-    with sim_client.SimulatorClient(mock_server.address, timeout_s=30) as reference:
-        reference.load_task("reach_corner")
-        reference.reset(init_state_index=3)
-        expected = [reference.step(a) for a in actions]
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.4, retries=6)
-    try:
-        sim.load_task("reach_corner", step_sleep_s=1.0)  # every step outlasts a timeout: the socket is rebuilt
-        sim.reset(init_state_index=3)
-        session_id = sim.get_info()["session_id"]
-        results = [sim.step(a) for a in actions]
-        assert [r["info"]["step"] for r in results] == [1, 2, 3]  # none lost, none repeated
-        assert_same_observations([r["observation"] for r in results], [e["observation"] for e in expected])
-        assert sim.get_info()["session_id"] == session_id
-    finally:
-        sim.disconnect()
-
-
-def test_a_second_connection_presenting_a_live_sessions_identity_gets_nothing(mock_server):
-    identity = sim_client.new_identity()
-    sockets = []
-    for _ in range(2):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(mock_server.address)
-        sockets.append(sock)
-    victim, thief = RawClient.__new__(RawClient), RawClient.__new__(RawClient)
-    victim.socket, victim.delimiter = sockets[0], True
-    thief.socket, thief.delimiter = sockets[1], True
-    try:
-        victim.request("load_task", task_name="reach_center")
-        thief.send_body(sim_client.encode({"method": "get_info"}))
-        assert not thief.socket.poll(1500)  # libzmq refuses a duplicate routing id (no ROUTER_HANDOVER)
-        assert victim.request("get_info")["current_task"] == "reach_center"
-    finally:
-        victim.request("disconnect")
-        victim.close()
-        thief.close()
-
-
-@pytest.mark.parametrize("identity", [b"victim-1", b"\x00\x12\x34\x56\x78"])
-def test_guessable_identities_are_not_resumable_by_another_connection(mock_server, identity):
-    """Short client-chosen ids and libzmq-style ids (leading zero) live and die with their connection."""
-    def connect() -> RawClient:
-        client = RawClient.__new__(RawClient)
-        client.socket, client.delimiter = zmq.Context.instance().socket(zmq.DEALER), True
-        client.socket.setsockopt(zmq.LINGER, 0)
-        client.socket.setsockopt(zmq.IDENTITY, identity)
-        client.socket.connect(mock_server.address)
-        return client
-
-    victim = connect()
-    victim.request("load_task", task_name="reach_center")
-    victim_info = victim.request("get_info")
-    victim.close()
-    assert wait_until(lambda: not pid_alive(victim_info["sim_pid"]))  # its session ended with the connection
-    attacker = connect()
-    info = attacker.request("get_info")
-    assert info["session_id"] != victim_info["session_id"] and info["current_task"] is None
-    attacker.request("disconnect")
-    attacker.close()
-
-
-def test_curve_session_stays_with_the_key_that_opened_it(curve_keys, tmp_path):
-    folder, allowed, stranger = curve_keys
-    both = tmp_path / "both"
-    both.mkdir()
-    (both / "client.key").write_bytes((folder / "client.key").read_bytes())
-    (both / "stranger.key").write_bytes((stranger / "client.key").read_bytes())
-    victim_keys = {"server_key": str(folder / "server.key"), "client_key": str(folder / "client.key_secret")}
-    other_keys = {"server_key": str(folder / "server.key"), "client_key": str(stranger / "client.key_secret")}
-    server = ServerProcess("mock", "--curve-secret-key", str(folder / "server.key_secret"), "--curve-clients",
-                           str(both), env={"SIM_MOCK_IMAGE_SIZE": "8"}, probe_keys=victim_keys)
-    try:
-        victim = sim_client.SimulatorClient(server.address, timeout_s=5, **victim_keys)
-        victim.load_task("reach_center")
-        victim._socket.close(linger=0)
-        time.sleep(0.3)
-        thief = sim_client.SimulatorClient(server.address, timeout_s=5, **other_keys)
-        thief.identity = victim.identity  # presents the victim's capability with another key
-        thief._reconnect()
-        with pytest.raises(sim_client.InvalidParams, match="another client key"):
-            thief.get_info()
-        thief._socket.close(linger=0)
-        time.sleep(0.3)
-        victim._connect()
-        assert victim.get_info()["current_task"] == "reach_center"
-        victim.disconnect()
-    finally:
-        server.stop()

@@ -334,7 +334,7 @@ class LiberoBackend(SimulatorBackend):
         truncated = self.steps >= self.task["max_episode_steps"] and not success
         info = {"success": success, "step": self.steps}
         new_warnings = self._new_warnings(warnings_before)
-        if new_warnings:  # MuJoCo goes on after bad states, silently changed (THREATS.md): say so
+        if new_warnings:  # MuJoCo goes on after a bad state, silently changing it: say so
             info["mujoco_warnings"] = new_warnings
         return self._present(observation), float(reward), success, truncated, info
 

@@ -1,0 +1,179 @@
+"""Test harness shared by test_sim.py, soak_sim.py and bench_sim.py: real server processes on
+loopback, a raw protocol client, process helpers and LIBERO in-process as a reference.
+
+Nothing here is product code; no product script imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional
+
+import zmq
+
+import sim_client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+START_TIMEOUT_S = 60
+REPLY_TIMEOUT_MS = 30_000
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RawClient:
+    """A client written only from the protocol text: a DEALER, an empty delimiter, a msgpack map."""
+
+    def __init__(self, address: str, socket_type: int = zmq.DEALER, delimiter: bool = True,
+                 routing_id: Optional[bytes] = None) -> None:
+        self.socket = zmq.Context.instance().socket(socket_type)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            self.socket.setsockopt(zmq.IDENTITY, routing_id)
+        self.socket.connect(address)
+        self.delimiter = delimiter and socket_type == zmq.DEALER
+
+    def send_body(self, body: bytes) -> None:
+        self.socket.send_multipart([b"", body] if self.delimiter else [body])
+
+    def receive(self, timeout_ms: int = REPLY_TIMEOUT_MS) -> dict:
+        if not self.socket.poll(timeout_ms):
+            raise AssertionError("no reply from the server")
+        frames = self.socket.recv_multipart()
+        return sim_client.decode(frames[-1])
+
+    def request(self, method: str, timeout_ms: int = REPLY_TIMEOUT_MS, **fields) -> dict:
+        self.send_body(sim_client.encode(dict(fields, method=method)))
+        return self.receive(timeout_ms)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class ServerProcess:
+    """`python sim_server.py` on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, simulator: str = "mock", *args: str, env: Optional[dict] = None,
+                 address: Optional[str] = None, stderr=None, probe_keys: Optional[dict] = None) -> None:
+        self.address = address or f"tcp://127.0.0.1:{free_port()}"
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sim_server.py"), "--simulator", simulator,
+             "--bind", self.address.replace("127.0.0.1", "0.0.0.0") if address else self.address,
+             "--log-level", "WARNING", *args],
+            env={**os.environ, **(env or {})}, cwd=HERE, stderr=stderr)
+        self._wait_until_serving(probe_keys)
+
+    def _wait_until_serving(self, probe_keys: Optional[dict]) -> None:
+        if probe_keys is not None:
+            with sim_client.SimulatorClient(self.address, timeout_s=START_TIMEOUT_S, **probe_keys) as probe:
+                probe.ping()
+            return
+        deadline = time.monotonic() + START_TIMEOUT_S
+        probe = RawClient(self.address)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError("server exited during start-up")
+                probe.send_body(sim_client.encode({"method": "ping"}))
+                if probe.socket.poll(500):
+                    probe.socket.recv_multipart()
+                    probe.request("disconnect")
+                    return
+        finally:
+            probe.close()
+        raise AssertionError("server did not start")
+
+    def client(self, **kwargs) -> RawClient:
+        return RawClient(self.address, **kwargs)
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@contextmanager
+def running_server(simulator: str = "mock", *args: str, env: Optional[dict] = None) -> Iterator[ServerProcess]:
+    server = ServerProcess(simulator, *args, env=env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def children_of(pid: int) -> List[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in out.split()]
+
+
+# --- LIBERO in-process, as the reference a server is compared with ------------
+
+def libero_suite(name: str):
+    from libero.libero import benchmark
+
+    return benchmark.get_benchmark_dict()[name]()
+
+
+def in_process_env(suite_name: str, task_index: int, size: int):
+    """(OffScreenRenderEnv, task name, init states) as an in-process evaluation builds them."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from libero.libero import get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    suite = libero_suite(suite_name)
+    task = suite.get_task(task_index)
+    env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                                                         task.bddl_file), camera_heights=size, camera_widths=size)
+    return env, task.name, suite.get_task_init_states(task_index)
+
+
+def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, actions, size: int,
+                       seed: int = 7) -> List[Dict]:
+    """LIBERO exactly as an in-process evaluation runs it: fresh env, seed, reset, init state, settle, steps."""
+    env, _, init_states = in_process_env(suite_name, task_index, size)
+    try:
+        env.seed(seed)
+        env.reset()
+        observation = env.set_init_state(init_states[init_state_index])
+        for _ in range(10):
+            observation, _, _, _ = env.step([0.0] * 6 + [-1.0])
+        observations = [observation]
+        for action in actions:
+            observation, _, _, _ = env.step(action)
+            observations.append(observation)
+        return observations
+    finally:
+        env.close()
