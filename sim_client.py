@@ -14,20 +14,17 @@ Needs only pyzmq, msgpack and numpy; runs on Python 3.8+.
                 break
 
     python sim_client.py --address tcp://localhost:5555 --steps 50   # try a server
-    python sim_client.py eval --address tcp://a:5555 --address tcp://b:5555 --suite libero_spatial \
-        --episodes 50 --parallel 8 --policy my_policy:act --videos videos/   # evaluate a policy
+
+sim_eval.py, beside it, runs whole evaluations.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
@@ -42,12 +39,6 @@ DEFAULT_TIMEOUT_S = 120.0
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
 # A timed-out call is re-sent (same request_id, same session) this many times.
 DEFAULT_RETRIES = 2
-# The evaluation runner: a horizon for environments that set no episode limit, how often an
-# episode whose server died is retried elsewhere, and the task_info fields that decide a score.
-MAX_UNLIMITED_STEPS = 10000
-MAX_ATTEMPTS = 3
-TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "flip_images", "state_vector",
-                   "image_size", "simulator_stack", "renderer")
 
 
 def new_identity() -> bytes:
@@ -365,315 +356,6 @@ def _load_curve_keys(server_key: Optional[str], client_key: Optional[str]):
     return server_public, client_public, client_secret
 
 
-# --- evaluation runner -------------------------------------------------------
-
-
-def zero_policy(observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """All zeros, whatever the observation: a baseline and a smoke test."""
-    return zero_action(task_info)
-
-
-def random_policy(observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Uniform within the action spec's bounds (or [-1, 1] where it has none)."""
-    action = {}
-    for name, spec in task_info["action_spec"].items():
-        dtype = np.dtype(spec["dtype"])
-        low = np.maximum(np.asarray(spec.get("low", -1.0), dtype=np.float64), -1.0)
-        high = np.minimum(np.asarray(spec.get("high", 1.0), dtype=np.float64), 1.0)
-        if dtype.kind in "iu":
-            action[name] = np.asarray(np.random.randint(int(spec.get("low", 0)), int(spec.get("high", 1)) + 1),
-                                      dtype=dtype)
-        else:
-            action[name] = np.random.uniform(low, high, spec["shape"]).astype(dtype)
-    return action
-
-
-BUILTIN_POLICIES = {"zero": zero_policy, "random": random_policy}
-
-
-def load_policy(name: str):
-    """A built-in policy by name, or `module:function` importable from the current folder."""
-    if name in BUILTIN_POLICIES:
-        return BUILTIN_POLICIES[name]
-    module_name, _, function_name = name.partition(":")
-    if not function_name:
-        raise SimulatorClientError(f"policy must be one of {sorted(BUILTIN_POLICIES)} or module:function")
-    sys.path.insert(0, os.getcwd())
-    import importlib
-
-    return getattr(importlib.import_module(module_name), function_name)
-
-
-def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy, index: int,
-                record_key: Optional[str] = None) -> Dict[str, Any]:
-    """One episode by the standard protocol: init state `index` (or seed `index`), the task's horizon."""
-    started = time.monotonic()
-    if "num_init_states" in task_info:
-        observation, _ = sim.reset(init_state_index=index % task_info["num_init_states"])
-    else:
-        observation, _ = sim.reset(seed=index)
-    frames = [observation[record_key]] if record_key else []
-    steps, success = 0, False
-    horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
-    while steps < horizon:
-        result = sim.step(policy(observation, task_info))
-        observation = result["observation"]
-        steps = int(result["info"].get("step", steps + result.get("steps_run", 1)))
-        if record_key:
-            frames.append(observation[record_key])
-        if result["terminated"] or result["truncated"]:
-            success = bool(result["info"].get("success", result["terminated"]))
-            break
-    return {"init_state_index": index, "success": success, "steps": steps,
-            "seconds": round(time.monotonic() - started, 3), "frames": frames}
-
-
-@dataclass
-class Job:
-    """One episode to run: a task, the init state (or seed) index, and the attempts made so far."""
-
-    task: str
-    index: int
-    attempts: int = 0
-
-
-class Evaluation:
-    """Episodes of several tasks over K parallel sessions on one or more servers.
-
-    Each finished episode is appended to the JSON results file at once, so a rerun with
-    the same file skips what is done. An episode whose server times out or whose
-    simulator dies is put back and retried on another session (another server when
-    several are given); the report lists those retries.
-    """
-
-    def __init__(self, addresses: List[str], policy, tasks: List[str], episodes: int, parallel: int = 1,
-                 results_path: Optional[str] = None, video_dir: Optional[str] = None,
-                 load_options: Optional[Dict[str, Any]] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 **keys: Optional[str]) -> None:
-        self.addresses, self.policy, self.tasks = list(addresses), policy, list(tasks)
-        self.parallel, self.results_path, self.video_dir = max(1, parallel), results_path, video_dir
-        self.load_options, self.timeout_s, self.keys = load_options or {}, timeout_s, keys
-        self.results = self._load_results()
-        done = {(r["task"], r["init_state_index"]) for r in self.results}
-        self.jobs = [Job(task, index) for task in self.tasks for index in range(episodes) if (task, index) not in done]
-        self.total = len(self.jobs)
-        self.retried: List[Dict[str, Any]] = []
-        self.dead_addresses: set = set()
-        self.servers: Dict[str, Dict[str, Any]] = {}  # address -> its get_info
-        self.task_settings: Dict[str, Dict[str, Any]] = {}  # task -> its TASK_PROVENANCE fields
-        self.lock = threading.Lock()
-        self.progress = Progress(self.total)
-
-    def _load_results(self) -> List[Dict[str, Any]]:
-        if self.results_path and os.path.exists(self.results_path):
-            with open(self.results_path) as results_file:
-                return json.load(results_file)["episodes"]
-        return []
-
-    def run(self) -> List[Dict[str, Any]]:
-        """Run every job on `parallel` threads, one session each; the finished episode records."""
-        threads = [threading.Thread(target=self._work, args=(slot,), daemon=True) for slot in range(self.parallel)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        self.progress.close()
-        return self.results
-
-    def _next_job(self) -> Optional[Job]:
-        with self.lock:
-            return self.jobs.pop(0) if self.jobs else None
-
-    def _address_for(self, slot: int) -> Optional[str]:
-        with self.lock:
-            live = [a for a in self.addresses if a not in self.dead_addresses]
-        return live[slot % len(live)] if live else None
-
-    def _work(self, slot: int) -> None:
-        sim, task, task_info = None, None, None
-        while True:
-            job = self._next_job()
-            if job is None:
-                break
-            address = self._address_for(slot)
-            if address is None:
-                self._give_back(job, "every server is down")
-                break
-            try:
-                if sim is None or sim.address != address:
-                    sim = SimulatorClient(address, timeout_s=self.timeout_s, **self.keys)
-                    task = None
-                    self._note_server(address, sim)
-                if job.task != task:
-                    task_info, task = sim.load_task(job.task, **self.load_options), job.task
-                    with self.lock:
-                        self.task_settings[task] = {key: task_info[key] for key in TASK_PROVENANCE if key in task_info}
-                record = run_episode(sim, task_info, self.policy, job.index, self._record_key(task_info))
-                record.update(task=job.task, address=address, attempts=job.attempts + 1)
-                self._finish(record)
-            except (ServerTimeout, BackendError, ServerBusy) as error:
-                if isinstance(error, ServerTimeout):
-                    with self.lock:
-                        self.dead_addresses.add(address)
-                sim, task = None, None
-                self._give_back(job, f"{type(error).__name__} on {address}: {error}")
-
-    def _note_server(self, address: str, sim: SimulatorClient) -> None:
-        if address not in self.servers:
-            info = sim.get_info()
-            for key in ("session_id", "current_task", "sim_pid", "active_sessions", "simulator_sessions"):
-                info.pop(key, None)  # this session's, not the server's
-            with self.lock:
-                self.servers[address] = info
-
-    def _give_back(self, job: Job, why: str) -> None:
-        job.attempts += 1
-        with self.lock:
-            self.retried.append({"task": job.task, "init_state_index": job.index, "why": why[:200]})
-            if job.attempts < MAX_ATTEMPTS and len(self.dead_addresses) < len(self.addresses):
-                self.jobs.append(job)
-            else:
-                self.progress.note(f"gave up on {job.task} #{job.index}: {why[:120]}")
-
-    def _record_key(self, task_info: Dict[str, Any]) -> Optional[str]:
-        if not self.video_dir:
-            return None
-        images = [key for key, spec in task_info["observation_spec"].items() if len(spec["shape"]) == 3]
-        return images[0] if images else None
-
-    def _finish(self, record: Dict[str, Any]) -> None:
-        frames = record.pop("frames")
-        if frames and self.video_dir:
-            record["video"] = save_video(frames, self.video_dir, record)
-        with self.lock:
-            self.results.append(record)
-            self._save()
-            self.progress.update(record["success"])
-
-    def _save(self) -> None:
-        if not self.results_path:
-            return
-        temporary = self.results_path + ".tmp"
-        with open(temporary, "w") as results_file:
-            json.dump({"addresses": self.addresses, "servers": self.servers, "tasks": self.tasks,
-                       "task_settings": self.task_settings, "retried": self.retried, "episodes": self.results},
-                      results_file, indent=1)
-        os.replace(temporary, self.results_path)
-
-
-class Progress:
-    """tqdm when it is installed, else one rewritten line on stderr."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.successes = total, 0, 0
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="episode")
-        except ImportError:
-            self.bar = None
-
-    def update(self, success: bool) -> None:
-        """One more episode done."""
-        self.done += 1
-        self.successes += int(success)
-        rate = self.successes / self.done
-        if self.bar is not None:
-            self.bar.set_postfix(success=f"{rate:.2f}")
-            self.bar.update(1)
-        else:
-            sys.stderr.write(f"\r{self.done}/{self.total} episodes, success {rate:.2f}")
-            sys.stderr.flush()
-
-    def note(self, text: str) -> None:
-        """A line of text that does not break the bar."""
-        (self.bar.write if self.bar is not None else lambda t: print(t, file=sys.stderr))(text)
-
-    def close(self) -> None:
-        """End the bar or the progress line."""
-        if self.bar is not None:
-            self.bar.close()
-        elif self.total:
-            sys.stderr.write("\n")
-
-
-def save_video(frames: List[np.ndarray], folder: str, record: Dict[str, Any]) -> Optional[str]:
-    """The episode as MP4 (GIF without ffmpeg) via imageio; None with a one-line hint without it."""
-    try:
-        import imageio
-    except ImportError:
-        print("hint: pip install imageio (and imageio-ffmpeg for MP4) to save videos", file=sys.stderr)
-        return None
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"{record['task'].replace('/', '__')}__{record['init_state_index']:03d}")
-    try:
-        imageio.mimsave(stem + ".mp4", frames, fps=20)
-        return stem + ".mp4"
-    except Exception:  # no ffmpeg backend: GIF needs only pillow
-        imageio.mimsave(stem + ".gif", frames, duration=50)
-        return stem + ".gif"
-
-
-def summarize(results: List[Dict[str, Any]]) -> List[Tuple[str, int, float, float, float]]:
-    """(task, episodes, success rate, mean steps, mean seconds) per task, then "overall"."""
-    rows = []
-    groups = sorted({r["task"] for r in results})
-    for name, group in [(t, [r for r in results if r["task"] == t]) for t in groups] + [("overall", results)]:
-        if group:
-            rows.append((name, len(group), float(np.mean([r["success"] for r in group])),
-                         float(np.mean([r["steps"] for r in group])), float(np.mean([r["seconds"] for r in group]))))
-    return rows
-
-
-def print_table(rows: List[Tuple[str, int, float, float, float]]) -> None:
-    """summarize()'s rows as a text table on stdout."""
-    width = max([len(row[0]) for row in rows] + [4])
-    print(f"{'task':{width}s}  episodes  success  mean steps  mean s")
-    for name, count, rate, steps, seconds in rows:
-        print(f"{name:{width}s}  {count:8d}  {rate:7.2f}  {steps:10.1f}  {seconds:6.2f}")
-
-
-def save_chart(rows: List[Tuple[str, int, float, float, float]], path: str) -> None:
-    """summarize()'s success rates as a PNG bar chart (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("hint: pip install matplotlib to draw the success chart", file=sys.stderr)
-        return
-    names = [row[0].split("/")[-1][:40] for row in rows]
-    figure, axes = plt.subplots(figsize=(8, 0.4 * len(rows) + 1))
-    axes.barh(names, [row[2] for row in rows])
-    axes.set_xlim(0, 1)
-    axes.set_xlabel("success rate")
-    figure.tight_layout()
-    figure.savefig(path)
-
-
-def run_evaluation(args: argparse.Namespace) -> int:
-    """`sim_client.py eval`: run, print the table, save what was asked; 0 when every episode ran."""
-    keys = {"server_key": args.server_key, "client_key": args.client_key}
-    addresses = args.address or [DEFAULT_ADDRESS]
-    tasks = args.tasks
-    if not tasks:
-        with SimulatorClient(addresses[0], timeout_s=args.timeout, **keys) as sim:
-            tasks = sim.list_tasks(suite=args.suite)
-    load_options = dict(option.split("=", 1) for option in args.load_option)
-    load_options = {key: json.loads(value) for key, value in load_options.items()}
-    evaluation = Evaluation(addresses, load_policy(args.policy), tasks, args.episodes, args.parallel, args.results,
-                            args.videos, load_options, args.timeout, **keys)
-    results = evaluation.run()
-    rows = summarize(results)
-    print_table(rows)
-    if evaluation.retried:
-        print(f"retried {len(evaluation.retried)} episode attempt(s); see 'retried' in the results file")
-    if args.chart:
-        save_chart(rows, args.chart)
-    return 0 if len(results) == len(tasks) * args.episodes else 1
-
-
 # --- command line ------------------------------------------------------------
 
 
@@ -716,37 +398,14 @@ def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float, **
         print("steps: %d, total reward %.3f, %.1f ms per step" % (ran, total_reward, 1000 * elapsed / max(ran, 1)))
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    """The flags of `sim_client.py eval`."""
-    parser = argparse.ArgumentParser(prog="sim_client.py eval", description="Evaluate a policy on many episodes.")
-    parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
-    parser.add_argument("--policy", default="zero", help="zero, random, or module:function(observation, task_info)")
-    parser.add_argument("--suite", default=None, help="evaluate this suite's tasks (LIBERO: libero_spatial, ...)")
-    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: the suite's, or all listed)")
-    parser.add_argument("--episodes", type=int, default=50, help="episodes per task (init states 0..N-1)")
-    parser.add_argument("--parallel", type=int, default=1, help="episodes at once, one session each")
-    parser.add_argument("--results", default="eval_results.json", help="JSON results; rerunning resumes it")
-    parser.add_argument("--videos", default=None, help="folder for one video per episode")
-    parser.add_argument("--chart", default=None, help="PNG bar chart of success rates")
-    parser.add_argument("--load-option", action="append", default=[], metavar="KEY=JSON",
-                        help="load_task option, e.g. camera_width=224 or flip_images=true")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
-    parser.add_argument("--server-key", default=None)
-    parser.add_argument("--client-key", default=None)
-    return parser
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: a one-episode smoke test, or `eval`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
-        try:
-            return run_evaluation(eval_parser().parse_args(argv[1:]))
-        except SimulatorClientError as error:
-            print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-            return 1
+        print("sim_client.py eval is now sim_eval.py: python sim_eval.py " + " ".join(argv[1:]), file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description="Run one episode against a simulator server; "
-                                     "`sim_client.py eval --help` evaluates a policy on many.")
+                                     "`python sim_eval.py --help` evaluates a policy on many.")
     parser.add_argument("--address", default=os.environ.get("SIM_ADDRESS", DEFAULT_ADDRESS))
     parser.add_argument("--task", default=None, help="task to load (default: the first listed)")
     parser.add_argument("--steps", type=int, default=50)

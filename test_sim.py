@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sim_client
+import sim_eval
 import sim_server
 from backends.base import InvalidParams
 from harness_sim import (
@@ -710,8 +711,8 @@ def test_client_times_out_clearly_against_a_dead_server():
 
 
 def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.2, retries=0)
-    sim.load_task("reach_center", step_sleep_s=0.5)
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3)
+    sim.load_task("reach_center", step_sleep_s=1.0)
     sim.reset()
     with pytest.raises(sim_client.ServerTimeout):
         sim.step(ZERO_ACTION)
@@ -741,7 +742,7 @@ def test_client_runs_on_python_38_syntax():
     everywhere |= {node.module.split(".")[0] for node in ast.walk(tree)
                    if isinstance(node, ast.ImportFrom) and node.module}
     optional = everywhere - top_level - set(sys.stdlib_module_names)
-    assert optional == {"tqdm", "imageio", "matplotlib"}  # each imported inside a try: ... except ImportError
+    assert optional == set()  # the client needs nothing beyond pyzmq, msgpack and numpy
 
 
 def test_client_recovers_after_server_restart():
@@ -797,7 +798,7 @@ def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_
     try:
         killer = threading.Timer(0.8, doomed.process.kill)
         killer.start()
-        evaluation = sim_client.Evaluation([doomed.address, survivor.address], sim_client.load_policy("random"),
+        evaluation = sim_eval.Evaluation([doomed.address, survivor.address], sim_eval.load_policy("random"),
                                            ["reach_center", "reach_floor"], episodes=10, parallel=2,
                                            results_path=str(results_path), video_dir=str(tmp_path / "videos"),
                                            timeout_s=0.5)
@@ -814,20 +815,20 @@ def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_
     saved = json.loads(results_path.read_text())
     assert len(saved["episodes"]) == 20 and saved["retried"]
     assert all(os.path.exists(r["video"]) for r in results)
-    rows = sim_client.summarize(results)
+    rows = sim_eval.summarize(results)
     assert rows[-1][0] == "overall" and rows[-1][1] == 20
 
 
 def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
     results_path = str(tmp_path / "results.json")
-    arguments = ["eval", "--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3",
+    arguments = ["--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3",
                  "--results", results_path, "--chart", str(tmp_path / "chart.png")]
-    first = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True, text=True,
+    first = subprocess.run([sys.executable, "sim_eval.py", *arguments], cwd=HERE, capture_output=True, text=True,
                            timeout=120)
     assert first.returncode == 0, first.stderr
     assert "overall" in first.stdout and "reach_center" in first.stdout
     arguments[arguments.index("3")] = "5"
-    second = subprocess.run([sys.executable, "sim_client.py", *arguments], cwd=HERE, capture_output=True,
+    second = subprocess.run([sys.executable, "sim_eval.py", *arguments], cwd=HERE, capture_output=True,
                             text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     with open(results_path) as results_file:
@@ -837,12 +838,215 @@ def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
 
 def test_results_file_records_servers_and_the_task_settings_that_decide_the_score(tmp_path, mock_server):
     results_path = tmp_path / "results.json"
-    sim_client.Evaluation([mock_server.address], sim_client.load_policy("zero"), ["reach_center"], episodes=1,
+    sim_eval.Evaluation([mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=1,
                           results_path=str(results_path)).run()
     saved = json.loads(results_path.read_text())
     server = saved["servers"][mock_server.address]
     assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
     assert saved["task_settings"]["reach_center"] == {"max_episode_steps": 100}
+
+# --- sim_eval.py: policies, batching, openpi policy servers -------------------
+
+def run_eval_cli(*args: str, cwd=HERE, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(HERE, "sim_eval.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+MOCK_EVAL_ENV = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "6"}
+
+
+@pytest.fixture(scope="module")
+def short_mock_server():
+    with running_server("mock", env=MOCK_EVAL_ENV) as server:
+        yield server
+
+
+def test_reset_hook_runs_before_every_episode_and_a_failing_policy_fails_only_its_episode(tmp_path,
+                                                                                         short_mock_server):
+    (tmp_path / "my_policy.py").write_text(
+        "import numpy as np\n"
+        "resets = []\n"
+        "def reset(task_info):\n"
+        "    resets.append(task_info['task_name'])\n"
+        "    open('resets.txt', 'a').write(task_info['task_name'] + '\\n')\n"
+        "def act(observation, task_info):\n"
+        "    if observation['state'][3] == 2 and len(resets) == 2:\n"
+        "        return 1 / 0\n"
+        "    return np.zeros(7)\n")
+    results = tmp_path / "results.json"
+    result = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "3",
+                          "--policy", "my_policy:act", "--results", str(results), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "resets.txt").read_text().split() == ["reach_center"] * 3
+    episodes = sorted(json.loads(results.read_text())["episodes"], key=lambda e: e["init_state_index"])
+    assert [e["failure"] for e in episodes] == ["horizon", "policy_error", "horizon"]
+    assert "ZeroDivisionError" in episodes[1]["error"] and episodes[1]["steps"] == 2
+    assert episodes[2]["steps"] == 6  # the run went on after the failure
+
+
+def test_batched_policy_gets_several_sessions_at_once_and_each_its_own_action(short_mock_server):
+    batches = []
+
+    def act_batch(observations, task_infos):
+        batches.append(len(observations))
+        time.sleep(0.05)  # like one GPU forward pass
+        return [np.full(7, 0.1 * (obs["state"][0] > 0)) for obs in observations]
+
+    policy = sim_eval.Policy(sim_eval.PolicyBatcher(act_batch, batch_size=4, wait_ms=50))
+    evaluation = sim_eval.Evaluation([short_mock_server.address], policy, ["reach_center", "reach_floor"],
+                                     episodes=2, parallel=4)
+    try:
+        results = evaluation.run()
+    finally:
+        policy.close()
+    assert len(results) == 4 and all(r["steps"] == 6 and r["failure"] == "horizon" for r in results)
+    assert sum(batches) == 4 * 6 and max(batches) > 1 and len(batches) < 24
+
+
+def test_batched_policy_that_raises_fails_every_episode_in_its_batch_and_the_run_goes_on(short_mock_server):
+    def broken(observations, task_infos):
+        raise RuntimeError("out of GPU memory")
+
+    policy = sim_eval.Policy(sim_eval.PolicyBatcher(broken, batch_size=2, wait_ms=20))
+    try:
+        results = sim_eval.Evaluation([short_mock_server.address], policy, ["reach_center"], episodes=2,
+                                      parallel=2).run()
+    finally:
+        policy.close()
+    assert [r["failure"] for r in results] == ["policy_error", "policy_error"]
+    assert all("out of GPU memory" in r["error"] for r in results)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "reach_moon"], "unknown task 'reach_moon'"),
+    (["--policy", "no_such_module:act"], "cannot import no_such_module"),
+    (["--policy", "sim_client:no_such_function"], "no callable"),
+    (["--policy", "openpi://nowhere"], "openpi://HOST:PORT"),
+    (["--load-option", "camera_width"], "KEY=JSON"),
+    (["--suite", "libero_nothing"], "no task suites"),
+])
+def test_bad_eval_input_is_one_line_and_exit_2_before_any_episode(short_mock_server, tmp_path, args, message):
+    results = tmp_path / "results.json"
+    result = run_eval_cli("--address", short_mock_server.address, "--episodes", "1", "--results", str(results), *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not results.exists()
+
+
+def test_unreachable_server_or_policy_server_is_one_line_and_exit_2(short_mock_server):
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    result = run_eval_cli("--address", nobody, "--tasks", "reach_center", "--timeout", "1")
+    assert result.returncode == 2 and "no simulator server answers at " + nobody in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_eval_cli("--address", short_mock_server.address, "--policy", f"openpi://127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "no openpi policy server at ws://127.0.0.1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_finished_run_leaves_no_session_holding_a_simulator(short_mock_server):
+    sim_eval.Evaluation([short_mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=3,
+                        parallel=3).run()
+    with sim_client.SimulatorClient(short_mock_server.address, timeout_s=30) as sim:
+        assert wait_until(lambda: sim.get_info()["simulator_sessions"] == 0, 10)
+
+
+def test_client_cli_points_eval_to_sim_eval():
+    result = subprocess.run([sys.executable, "sim_client.py", "eval", "--episodes", "1"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "sim_eval.py" in result.stderr
+
+
+OPENPI_VENV = os.path.join(HERE, ".test_venvs", "openpi")
+OPENPI_POLICY_SERVER = '''
+import json, sys
+import numpy as np
+from openpi_client import base_policy
+from openpi_server.websocket_policy_server import WebsocketPolicyServer
+
+class CheckingPolicy(base_policy.BasePolicy):
+    """Checks each request as openpi's LIBERO policy would read it; fails on call FAIL_AT."""
+    calls = 0
+
+    def infer(self, obs):
+        CheckingPolicy.calls += 1
+        assert sorted(obs) == ["observation/image", "observation/state", "observation/wrist_image", "prompt"], obs
+        for key in ("observation/image", "observation/wrist_image"):
+            assert obs[key].shape == (224, 224, 3) and obs[key].dtype == np.uint8, (key, obs[key].shape)
+        assert obs["observation/state"].shape == (8,) and obs["observation/state"].dtype == np.float64
+        assert isinstance(obs["prompt"], str) and obs["prompt"]
+        with open(sys.argv[2], "a") as log:
+            log.write(json.dumps({"call": self.calls, "prompt": obs["prompt"],
+                                  "state": obs["observation/state"].tolist(),
+                                  "image_mean": float(obs["observation/image"].mean())}) + "\\n")
+        if self.calls == int(sys.argv[3]):
+            raise RuntimeError("policy exploded on purpose")
+        return {"actions": np.tile(np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]), (10, 1))}
+
+WebsocketPolicyServer(CheckingPolicy(), host="127.0.0.1", port=int(sys.argv[1]),
+                      metadata={"policy": "checking"}).serve_forever()
+'''
+
+
+@pytest.fixture(scope="session")
+def openpi_python():
+    """The Python of a venv holding the real openpi-server package (numpy<2), made once and kept."""
+    python = os.path.join(OPENPI_VENV, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", OPENPI_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "openpi-server==0.1.0", "openpi-client==0.1.2",
+                        "typing_extensions", "pyzmq"], check=True, timeout=600)
+    return python
+
+
+def test_openpi_images_equal_openpi_clients_own_resize_with_pad(openpi_python):
+    code = ("import numpy as np, sim_eval; from openpi_client import image_tools\n"
+            "rng = np.random.default_rng(0)\n"
+            "for shape in [(256, 256, 3), (128, 128, 3), (64, 64, 3), (240, 320, 3), (300, 200, 3), (224, 224, 3)]:\n"
+            "    image = rng.integers(0, 256, shape, dtype=np.uint8)\n"
+            "    ours = sim_eval.resize_with_pad(image, 224)\n"
+            "    theirs = image_tools.convert_to_uint8(image_tools.resize_with_pad(image, 224, 224))\n"
+            "    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), shape\n"
+            "print('same')\n")
+    result = subprocess.run([openpi_python, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "same" in result.stdout, result.stderr
+
+
+@pytest.mark.libero
+def test_openpi_policy_server_drives_libero_episodes_and_its_failure_fails_one_episode(openpi_python, libero_server,
+                                                                                       tmp_path):
+    port, calls_log = free_port(), tmp_path / "calls.jsonl"
+    script = tmp_path / "serve_checking_policy.py"
+    script.write_text(OPENPI_POLICY_SERVER)
+    policy_server = subprocess.Popen([openpi_python, str(script), str(port), str(calls_log), "5"],
+                                     stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: socket_accepts(port), 60)
+        results = tmp_path / "results.json"
+        task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+        result = run_eval_cli("--address", libero_server.address, "--tasks", task, "--episodes", "2",
+                              "--policy", f"openpi://127.0.0.1:{port}", "--replan-steps", "5",
+                              "--load-option", "max_episode_steps=12", "--load-option", "camera_width=64",
+                              "--load-option", "camera_height=64", "--results", str(results), timeout=600)
+    finally:
+        policy_server.kill()
+        policy_server.wait()
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(results.read_text())
+    episodes = sorted(saved["episodes"], key=lambda e: e["init_state_index"])
+    assert saved["task_settings"][task]["convention"] == "openpi"
+    assert episodes[0]["failure"] == "horizon" and episodes[0]["steps"] == 12  # 5 + 5 + 2 of three chunks
+    assert episodes[1]["failure"] == "policy_error" and "policy exploded on purpose" in episodes[1]["error"]
+    assert episodes[1]["steps"] == 5  # the fifth call failed: one chunk of that episode ran first
+    calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
+    assert len(calls) == 5 and calls[0]["prompt"] == libero_suite(LIBERO_SUITE).get_task(0).language
+
+
+def socket_accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
 
 
 # --- soak --------------------------------------------------------------------
