@@ -39,6 +39,12 @@ DEFAULT_TIMEOUT_S = 120.0
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
 # A timed-out call is re-sent (same request_id, same session) this many times.
 DEFAULT_RETRIES = 2
+# When nothing has ever answered at the address, say so this soon (or within timeout_s, if shorter)
+# instead of waiting out every retry of a long timeout; a server that once answered is not rushed.
+FIRST_CONTACT_TIMEOUT_S = 10.0
+# While nothing has answered yet, a ping goes out this often: a live server answers at once, even
+# while it runs a long first load_task, which tells it apart from an empty address.
+FIRST_CONTACT_PING_S = 1.0
 
 
 def new_identity() -> bytes:
@@ -117,6 +123,11 @@ class ServerTimeout(SimulatorClientError):
     """No reply in time: the server is gone, overloaded, or refused us (CURVE keys)."""
 
 
+class ServerUnreachable(ServerTimeout):
+    """Nothing has ever answered at this address: no server, a wrong address or port, a
+    firewall, or CURVE keys the server refuses."""
+
+
 ERROR_CLASSES = {cls.error_type: cls for cls in (
     UnknownMethod, InvalidParams, TaskNotFound, NoTaskLoaded, NotReset, BackendError, InternalError, ServerBusy)}
 
@@ -174,12 +185,19 @@ class SimulatorClient:
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = DEFAULT_TIMEOUT_S,
                  load_timeout_s: Optional[float] = None, server_key: Optional[str] = None,
-                 client_key: Optional[str] = None, retries: int = DEFAULT_RETRIES) -> None:
+                 client_key: Optional[str] = None, retries: int = DEFAULT_RETRIES,
+                 first_contact_timeout_s: Optional[float] = None) -> None:
         """`server_key`: the server's public key file (server.key) when it runs CURVE;
         `client_key`: this client's secret key file (client.key_secret), whose public half
-        the server must list. `sim_server.py --gen-keys DIR` writes both."""
+        the server must list. `sim_server.py --gen-keys DIR` writes both. When nothing at all
+        answers within `first_contact_timeout_s` (default: 10 s, or timeout_s if shorter) of
+        the first call, that call raises ServerUnreachable."""
         self.address = address
         self.timeout_s = timeout_s
+        self.first_contact_timeout_s = (min(FIRST_CONTACT_TIMEOUT_S, timeout_s) if first_contact_timeout_s is None
+                                        else first_contact_timeout_s)
+        self._first_contact: Optional[float] = None  # when the first call went out
+        self._answered = False  # whether anything ever came back from the address
         self.load_timeout_s = load_timeout_s if load_timeout_s is not None else max(timeout_s, 300.0)
         self._curve = _load_curve_keys(server_key, client_key)
         self.retries = retries
@@ -219,11 +237,15 @@ class SimulatorClient:
         """Send one request and return the reply's fields, or raise its typed error."""
         request_id = next(self._request_ids)
         body = encode(dict(fields, method=method, request_id=request_id))
+        if self._first_contact is None:
+            self._first_contact = time.monotonic()
         for attempt in range(self.retries + 1):
             try:
                 self._send(body, method)
                 reply = self._wait_for_reply(request_id, timeout_s or self.timeout_s, method)
                 break
+            except ServerUnreachable:
+                raise
             except ServerTimeout:
                 if attempt == self.retries:
                     raise
@@ -236,14 +258,20 @@ class SimulatorClient:
         """The reply to `request_id`. While a long call runs, a ping every `timeout_s` tells a
         busy server (answered) from a dead one (silent), so only `load_timeout_s` bounds a load."""
         deadline = time.monotonic() + timeout_s
-        slice_s = min(timeout_s, self.timeout_s)
         unanswered_ping: Optional[int] = None
+        if not self._answered:  # a live server answers a ping at once, even during a long first load
+            unanswered_ping = self._send_ping(method)
         while True:
-            remaining_s = deadline - time.monotonic()
+            now = time.monotonic()
+            if not self._answered and now >= self._first_contact + self.first_contact_timeout_s:
+                self._unreachable()
+            remaining_s = deadline - now
             if remaining_s <= 0:
                 self._give_up(method, timeout_s, "")
+            slice_s = min(timeout_s, self.timeout_s) if self._answered else FIRST_CONTACT_PING_S
             if self._socket.poll(int(min(remaining_s, slice_s) * 1000) + 1, zmq.POLLIN):
                 reply = decode(self._socket.recv_multipart()[-1])
+                self._answered = True
                 if not isinstance(reply, dict):
                     continue
                 if reply.get("request_id") == request_id:
@@ -251,17 +279,29 @@ class SimulatorClient:
                 if reply.get("request_id") == unanswered_ping:
                     unanswered_ping = None
                 continue  # a late reply to an earlier request, or a ping's: drop it
-            if unanswered_ping is not None:
+            if unanswered_ping is not None and self._answered:
                 self._give_up(method, slice_s, " (nor to a ping)")
             if time.monotonic() < deadline:
-                unanswered_ping = next(self._request_ids)
-                self._send(encode({"method": "ping", "request_id": unanswered_ping}), method)
+                unanswered_ping = self._send_ping(method)
+
+    def _send_ping(self, method: str) -> int:
+        request_id = next(self._request_ids)
+        self._send(encode({"method": "ping", "request_id": request_id}), method)
+        return request_id
 
     def _send(self, body: bytes, method: str) -> None:
         try:
             self._socket.send_multipart([b"", body])
         except zmq.Again:
             self._give_up(method, self.timeout_s, " (could not even send it)")
+
+    def _unreachable(self) -> None:
+        self._reconnect()
+        keys = (", or does the server refuse our CURVE keys (server_key, and is our public key listed there)"
+                if self._curve is not None else "")
+        raise ServerUnreachable(
+            f"nothing has answered at {self.address} in {self.first_contact_timeout_s:g} s: is sim_server.py "
+            f"running there, are the host and port right (tcp://HOST:PORT), does a firewall block the port{keys}?")
 
     def _give_up(self, method: str, waited_s: float, detail: str) -> None:
         self._reconnect()
@@ -349,8 +389,11 @@ def _load_curve_keys(server_key: Optional[str], client_key: Optional[str]):
     if not zmq.has("curve"):
         raise SimulatorClientError("this pyzmq has no CURVE support; install pyzmq from PyPI")
 
-    server_public, _ = zmq.auth.load_certificate(server_key)
-    client_public, client_secret = zmq.auth.load_certificate(client_key)
+    try:
+        server_public, _ = zmq.auth.load_certificate(server_key)
+        client_public, client_secret = zmq.auth.load_certificate(client_key)
+    except (OSError, ValueError) as error:
+        raise SimulatorClientError(f"cannot read a CURVE key file: {error}") from None
     if client_secret is None:
         raise SimulatorClientError(f"{client_key} holds no secret key: pass the client.key_secret file")
     return server_public, client_public, client_secret
@@ -374,6 +417,7 @@ def describe_array(value: Any) -> str:
 
 def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float, **keys: Optional[str]) -> None:
     """The whole lifecycle once, printed: the smoke test for a new server."""
+    print(f"connecting to {address} ...", flush=True)
     with SimulatorClient(address, timeout_s=timeout_s, **keys) as sim:
         info = sim.get_info()
         print("server: %s %s, %d session(s)" % (info["backend_name"], info["backend_version"],

@@ -129,6 +129,21 @@ SETTINGS = [
 ]
 
 
+class SetupError(Exception):
+    """The server cannot start as configured; main() says why in one line and exits 2."""
+
+
+def env_setting(env_var: str, default: Any, kind: type) -> Any:
+    """The SIM_* variable as `kind`, else the default; a value of the wrong type is a SetupError."""
+    text = os.environ.get(env_var)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise SetupError(f"{env_var}={text!r} is not a valid {kind.__name__}") from None
+
+
 def parse_config(argv: Optional[List[str]] = None) -> Config:
     """Flags override SIM_* environment variables, which override defaults."""
     parser = argparse.ArgumentParser(
@@ -137,7 +152,7 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         "Backend settings (SIM_LIBERO_*, SIM_MOCK_*) are read from the environment; see README.md.",
     )
     for flag, env_var, default, kind, text in SETTINGS:
-        value = kind(os.environ.get(env_var, default))
+        value = env_setting(env_var, default, kind)
         parser.add_argument(flag, type=kind, default=value, help=f"{text} (env {env_var}; now {value})")
     parser.add_argument("--port", type=int, default=None, help="shorthand for --bind tcp://*:PORT")
     parser.add_argument("--gen-keys", metavar="DIR", default=None,
@@ -147,6 +162,7 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         generate_keys(args.gen_keys)
         parser.exit(0)
     bind = f"tcp://*:{args.port}" if args.port is not None else args.bind
+    check_port(bind)
     return Config(
         simulator=args.simulator,
         bind=bind,
@@ -159,6 +175,16 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         curve_secret_key=args.curve_secret_key,
         curve_clients=args.curve_clients,
     )
+
+
+def check_port(bind: str) -> None:
+    """A tcp:// address needs a port in 1-65535 or *: libzmq would quietly bind some other port."""
+    if not bind.startswith("tcp://"):
+        return
+    port = bind.rsplit(":", 1)[-1] if bind.count(":") >= 2 else ""
+    if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise SetupError(f"cannot listen on {bind}: the port must be 1-65535 or *; --bind takes a ZMQ address "
+                         "such as tcp://*:5555 or tcp://127.0.0.1:5555")
 
 
 def generate_keys(folder: str) -> None:
@@ -724,7 +750,21 @@ def check_curve_config(config: Config) -> Optional[str]:
         return f"--curve-secret-key {config.curve_secret_key!r} is not a file (make one with --gen-keys DIR)"
     if not os.path.isdir(config.curve_clients):
         return f"--curve-clients {config.curve_clients!r} must be a folder of allowed client .key files"
+    try:
+        _, secret = zmq.auth.load_certificate(config.curve_secret_key)
+    except (OSError, ValueError) as error:
+        return f"cannot read the CURVE key file {config.curve_secret_key!r}: {error}"
+    if secret is None:
+        return f"{config.curve_secret_key!r} holds no secret key: pass the server.key_secret file"
     return None
+
+
+def bind_problem(bind: str, error: zmq.ZMQError) -> str:
+    if error.errno == zmq.EADDRINUSE:
+        return (f"cannot listen on {bind}: the address is already in use (another sim_server?); "
+                "pick another port with --port N")
+    return (f"cannot listen on {bind}: {error.strerror}; --bind takes a ZMQ address such as tcp://*:5555 "
+            "or tcp://127.0.0.1:5555")
 
 
 def is_loopback(bind: str) -> bool:
@@ -869,7 +909,13 @@ class SimulatorServer:
         self.context = zmq.Context()
         self.curve = (CurveAuth(self.context, config.curve_secret_key, config.curve_clients)
                       if config.curve_secret_key else None)
-        self.frontend = self._bind_frontend()
+        try:
+            self.frontend = self._bind_frontend()
+        except SetupError:
+            if self.curve is not None:
+                self.curve.stop()
+            self.context.term()
+            raise
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.connections = ConnectionTracker(self.frontend, self.poller)
@@ -884,10 +930,14 @@ class SimulatorServer:
             frontend.setsockopt(option, value)
         if self.curve is not None:
             self.curve.configure(frontend)
-        elif not is_loopback(self.config.bind):
+        try:
+            frontend.bind(self.config.bind)
+        except zmq.ZMQError as error:
+            frontend.close(linger=0)
+            raise SetupError(bind_problem(self.config.bind, error)) from None
+        if self.curve is None and not is_loopback(self.config.bind):
             log.warning("listening on %s without CURVE: anyone who can reach it can run simulators; "
                         "see README 'Security and limits'", self.config.bind)
-        frontend.bind(self.config.bind)
         return frontend
 
     @property
@@ -1048,7 +1098,11 @@ class SimulatorServer:
 # --- main --------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None) -> int:
-    config = parse_config(argv)
+    try:
+        config = parse_config(argv)
+    except SetupError as error:
+        print(f"sim_server: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         backend_class = get_backend(config.simulator)
@@ -1064,7 +1118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BackendError as error:
         print(f"sim_server: cannot serve {config.simulator}: {error}", file=sys.stderr)
         return 2
-    server = SimulatorServer(config)
+    try:
+        server = SimulatorServer(config)
+    except SetupError as error:
+        print(f"sim_server: {error}", file=sys.stderr)
+        return 2
 
     def stop(signum, _frame):
         log.info("received %s", signal.Signals(signum).name)

@@ -701,13 +701,35 @@ def test_ping_returns_the_round_trip_and_every_server_error_type_has_its_own_exc
     assert unknown.error_type == "a_future_error" and sim_client.InternalError("x").error_type == "internal_error"
 
 
-def test_client_times_out_clearly_against_a_dead_server():
-    sim = sim_client.SimulatorClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.3, retries=0)
-    with pytest.raises(sim_client.ServerTimeout, match="no reply to list_tasks"):
+def test_client_says_soon_and_clearly_when_nothing_ever_answered():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    sim = sim_client.SimulatorClient(address, timeout_s=120, first_contact_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(sim_client.ServerUnreachable, match="is sim_server.py running there") as raised:
         sim.list_tasks()
-    with pytest.raises(sim_client.ServerTimeout):
+    assert time.monotonic() - started < 60  # not 3 tries of a 120 s timeout
+    assert address in str(raised.value) and "firewall" in str(raised.value)
+    with pytest.raises(sim_client.ServerTimeout):  # ServerUnreachable is a ServerTimeout
         sim.ping()
     sim.disconnect()
+
+
+def test_a_server_that_answered_once_keeps_the_liveness_rules(mock_server):
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3, first_contact_timeout_s=0.5)
+    try:
+        sim.ping()
+        sim.load_task("reach_center", load_sleep_s=1.5)  # longer than first contact: pings keep it alive
+        assert sim.reset()[1]["step"] == 0
+    finally:
+        sim.disconnect()
+
+
+def test_a_slow_first_load_is_not_taken_for_an_empty_address(mock_server):
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=5, first_contact_timeout_s=1.0)
+    try:
+        assert sim.load_task("reach_center", load_sleep_s=2.0)["task_name"] == "reach_center"
+    finally:
+        sim.disconnect()
 
 
 def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
@@ -743,6 +765,30 @@ def test_client_runs_on_python_38_syntax():
                    if isinstance(node, ast.ImportFrom) and node.module}
     optional = everywhere - top_level - set(sys.stdlib_module_names)
     assert optional == set()  # the client needs nothing beyond pyzmq, msgpack and numpy
+
+
+def test_the_client_runs_a_whole_lifecycle_on_the_oldest_python_it_claims(mock_server):
+    """CI points SIM_TEST_CLIENT_PYTHON at a Python 3.8 venv holding only pyzmq, msgpack and numpy."""
+    python = os.environ.get("SIM_TEST_CLIENT_PYTHON", sys.executable)
+    result = subprocess.run([python, "sim_client.py", "--address", mock_server.address, "--steps", "3"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "steps: 3" in result.stdout and "image" in result.stdout
+    if "SIM_TEST_CLIENT_PYTHON" in os.environ:
+        version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                                 text=True).stdout
+        assert version.strip() == "(3, 8)"
+
+
+def test_readme_set_up_and_test_commands_are_the_ones_ci_runs():
+    with open(os.path.join(HERE, "README.md")) as readme_file:
+        readme = readme_file.read()
+    with open(os.path.join(HERE, ".ci", "run")) as ci_file:
+        ci = ci_file.read()
+    block = readme.split("## Two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2 and all(command.startswith("bash .ci/setup && ") for command in commands)
+    assert commands[1] in ci.splitlines()
 
 
 def test_client_recovers_after_server_restart():
@@ -844,6 +890,62 @@ def test_results_file_records_servers_and_the_task_settings_that_decide_the_scor
     server = saved["servers"][mock_server.address]
     assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
     assert saved["task_settings"]["reach_center"] == {"max_episode_steps": 100}
+
+
+# --- the first ten minutes: set-up mistakes get one clear line ---------------
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_simulator_packages_are_named_not_the_renderer(openpi_python):
+    """The openpi test venv has numpy, msgpack and pyzmq but no MuJoCo, robosuite or LIBERO."""
+    for simulator, missing in (("libero", "mujoco==3.2.3"), ("robosuite", "robosuite==1.4.0")):
+        result = subprocess.run([openpi_python, "sim_server.py", "--simulator", simulator, "--port", str(free_port())],
+                                cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert_one_line_exit_2(result, missing, "pip install -r requirements.txt")
+        assert "renderer" not in result.stderr
+
+
+def test_busy_port_is_one_line_naming_the_address_and_port(mock_server):
+    result = run_server_cli("--simulator", "mock", "--bind", mock_server.address)
+    assert_one_line_exit_2(result, mock_server.address, "already in use", "--port")
+
+
+@pytest.mark.parametrize("bind", ["tcp://localhost", "udp://*:5555", "tcp://*:99999"])
+def test_bad_bind_address_is_one_line(bind):
+    assert_one_line_exit_2(run_server_cli("--simulator", "mock", "--bind", bind), bind, "tcp://*:5555")
+
+
+def test_unreadable_or_wrong_curve_key_files_are_one_line(tmp_path, curve_keys):
+    folder, allowed, _ = curve_keys
+    garbage = tmp_path / "server.key_secret"
+    garbage.write_text("not a key\n")
+    result = run_server_cli("--simulator", "mock", "--curve-secret-key", str(garbage), "--curve-clients", str(allowed))
+    assert_one_line_exit_2(result, "cannot read the CURVE key file")
+    public_only = run_server_cli("--simulator", "mock", "--curve-secret-key", str(folder / "server.key"),
+                                 "--curve-clients", str(allowed))
+    assert_one_line_exit_2(public_only, "holds no secret key")
+    with pytest.raises(sim_client.SimulatorClientError, match="cannot read a CURVE key file"):
+        sim_client.SimulatorClient("tcp://127.0.0.1:1", server_key=str(garbage), client_key=str(garbage))
+
+
+def test_a_bad_sim_environment_value_is_one_line():
+    result = run_server_cli("--simulator", "mock", env={"SIM_SESSION_TIMEOUT_S": "five minutes"})
+    assert_one_line_exit_2(result, "SIM_SESSION_TIMEOUT_S='five minutes'", "float")
+
+
+def test_client_cli_says_whom_it_calls_and_one_line_when_nobody_answers():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    result = subprocess.run([sys.executable, "sim_client.py", "--address", address, "--timeout", "1"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout.startswith(f"connecting to {address}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "ServerUnreachable" in result.stderr
+
 
 # --- sim_eval.py: policies, batching, openpi policy servers -------------------
 
@@ -1542,5 +1644,5 @@ def test_parity_cli_without_a_server_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "parity_sim.py", "--address", f"tcp://127.0.0.1:{free_port()}",
                              "--subset", "ci", "--timeout", "0.5"], cwd=HERE, capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 2 and "ServerTimeout" in result.stderr
+    assert result.returncode == 2 and "nothing has answered" in result.stderr
 

@@ -9,6 +9,7 @@ numpy arrays.
 from __future__ import annotations
 
 import abc
+import importlib.util
 import json
 import os
 import platform
@@ -187,6 +188,16 @@ def require_action(action: Dict[str, np.ndarray], key: str, shape: Tuple[int, ..
     if not np.all(np.isfinite(value)):
         raise InvalidParams(f"action {key!r} contains NaN or Inf")
     return value
+
+
+def require_modules(simulator: str, modules: Dict[str, str]) -> None:
+    """BackendError naming the pip packages to install when a module `simulator` needs is missing
+    (module name -> pip requirement), so a missing simulator is never mistaken for a missing renderer."""
+    missing = [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise BackendError(f"{simulator} needs Python packages that {sys.executable} does not have: "
+                           f"{', '.join(missing)}; install them with `{sys.executable} -m pip install -r "
+                           "requirements.txt`")
 
 
 RENDERER_HINT = ("install an OpenGL renderer: `apt-get install libegl1 libegl-mesa0 libgl1` (EGL; Mesa renders "

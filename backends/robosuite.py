@@ -33,6 +33,7 @@ from backends.base import (
     observation_spec_of,
     package_versions,
     require_action,
+    require_modules,
 )
 
 log = logging.getLogger("sim_server.robosuite")
@@ -96,6 +97,7 @@ class RobosuiteBackend(SimulatorBackend):
 
     @classmethod
     def prepare_server(cls) -> None:
+        require_modules("robosuite", {"mujoco": "mujoco==3.2.3", "robosuite": "robosuite==1.4.0"})
         log.info("robosuite renders with MUJOCO_GL=%s", choose_renderer()["MUJOCO_GL"])
 
     def list_tasks(self) -> List[str]:
