@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 import zmq.auth
 
+CLIENT_VERSION = "1.1.0"
 DEFAULT_ADDRESS = "tcp://localhost:5555"
 # Loading a LIBERO task builds a MuJoCo model and GL context: seconds, not milliseconds.
 DEFAULT_TIMEOUT_S = 120.0

@@ -17,9 +17,15 @@ Needs sim_client.py beside it; websockets and Pillow only for openpi://.
 from __future__ import annotations
 
 import argparse
+import base64
+import datetime
 import difflib
+import html
 import importlib
+import importlib.util
+import io
 import json
+import math
 import os
 import queue
 import sys
@@ -33,6 +39,7 @@ import msgpack
 import numpy as np
 
 from sim_client import (
+    CLIENT_VERSION,
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
     BackendError,
@@ -351,24 +358,26 @@ def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy: Policy,
                 record_key: Optional[str] = None) -> Dict[str, Any]:
     """One episode by the standard protocol: init state `index` (or seed `index`), the task's horizon.
 
-    A policy failure ends the episode as failed ("policy_error", with its traceback).
+    A policy failure ends the episode as failed ("policy_error", with its traceback). `frames` are
+    the `record_key` camera's images, upright.
     """
     started = time.monotonic()
     if "num_init_states" in task_info:
-        observation, _ = sim.reset(init_state_index=index % task_info["num_init_states"])
+        observation, info = sim.reset(init_state_index=index % task_info["num_init_states"])
     else:
-        observation, _ = sim.reset(seed=index)
-    frames = [observation[record_key]] if record_key else []
-    steps, success, failure, error = 0, False, None, None
+        observation, info = sim.reset(seed=index)
+    frames = [upright(observation[record_key], task_info)] if record_key else []
+    steps, success, failure, error, rewards = 0, False, None, None, []
     horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
     try:
         policy.reset(task_info)
         while steps < horizon:
             result = sim.step(policy.act(observation, task_info))
             observation = result["observation"]
+            rewards += result.get("rewards", [result["reward"]])
             steps = int(result["info"].get("step", steps + result.get("steps_run", 1)))
             if record_key:
-                frames.append(observation[record_key])
+                frames.append(upright(observation[record_key], task_info))
             if result["terminated"] or result["truncated"]:
                 success = bool(result["info"].get("success", result["terminated"]))
                 failure = None if success else ("horizon" if result["truncated"] else "terminated")
@@ -377,8 +386,17 @@ def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy: Policy,
             failure = "horizon"
     except PolicyError as policy_error:
         failure, error = "policy_error", str(policy_error)[-4000:]
-    return {"init_state_index": index, "success": success, "steps": steps, "failure": failure, "error": error,
+    return {"init_state_index": index, "seed": info.get("seed", None if "num_init_states" in task_info else index),
+            "success": success, "steps": steps, "failure": failure, "error": error,
+            "sum_reward": float(sum(rewards)), "max_reward": float(max(rewards)) if rewards else 0.0,
             "seconds": round(time.monotonic() - started, 3), "frames": frames}
+
+
+def upright(image: np.ndarray, task_info: Dict[str, Any]) -> np.ndarray:
+    """A camera frame the right way up: LIBERO renders upside down unless the convention flips it."""
+    if "suite" in task_info and not task_info.get("flip_images", False):
+        return image[::-1, ::-1]
+    return image
 
 
 @dataclass
@@ -402,12 +420,18 @@ class Evaluation:
     def __init__(self, addresses: List[str], policy: Policy, tasks: List[str], episodes: int, parallel: int = 1,
                  results_path: Optional[str] = None, video_dir: Optional[str] = None,
                  load_options: Optional[Dict[str, Any]] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 videos: Optional[VideoWriter] = None, keep_thumbnails: bool = False, force: bool = False,
                  **keys: Optional[str]) -> None:
         self.addresses, self.policy, self.tasks = list(addresses), policy, list(tasks)
-        self.parallel, self.results_path, self.video_dir = max(1, parallel), results_path, video_dir
+        self.parallel, self.results_path = max(1, parallel), results_path
+        self.videos = videos or (VideoWriter(video_dir) if video_dir else None)
+        self.keep_thumbnails = keep_thumbnails
+        self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
         self.load_options = {**policy.load_options, **(load_options or {})}
         self.timeout_s, self.keys = timeout_s, keys
-        self.results = self._load_results()
+        self.settings = {"policy": policy.name, "load_options": self.load_options}
+        self.started_at, self.finished_at = utc_now(), None
+        self.results = self._load_results(force)
         done = {(r["task"], r["init_state_index"]) for r in self.results}
         self.jobs = [Job(task, index) for task in self.tasks for index in range(episodes) if (task, index) not in done]
         self.total = len(self.jobs)
@@ -419,11 +443,17 @@ class Evaluation:
         self._thread_sessions = threading.local()  # each worker thread's open session
         self.progress = Progress(self.total)
 
-    def _load_results(self) -> List[Dict[str, Any]]:
-        if self.results_path and os.path.exists(self.results_path):
-            with open(self.results_path) as results_file:
-                return json.load(results_file)["episodes"]
-        return []
+    def _load_results(self, force: bool) -> List[Dict[str, Any]]:
+        """The finished episodes of an earlier run with this results file (lost ones are run again)."""
+        if not (self.results_path and os.path.exists(self.results_path)):
+            return []
+        with open(self.results_path) as results_file:
+            earlier = json.load(results_file)
+        settings = earlier.get("run", {}).get("settings")
+        if settings is not None and settings != self.settings and not force:
+            raise EvalSetupError(f"{self.results_path} was made with other settings ({json.dumps(settings)}, now "
+                                 f"{json.dumps(self.settings)}): use another --results file, or --force to resume")
+        return [r for r in earlier["episodes"] if r.get("failure") != "server_lost"]
 
     def run(self) -> List[Dict[str, Any]]:
         """Run every job on `parallel` threads, one session each; the finished episode records."""
@@ -433,7 +463,15 @@ class Evaluation:
         for thread in threads:
             thread.join()
         self.progress.close()
+        with self.lock:
+            self.finished_at = utc_now()
+            self._save()
         return self.results
+
+    def run_info(self) -> Dict[str, Any]:
+        """How this run was made: command, policy, settings, client version, times."""
+        return {"command": sys.argv, "policy": self.policy.name, "settings": self.settings,
+                "client_version": CLIENT_VERSION, "started_at": self.started_at, "finished_at": self.finished_at}
 
     def _next_job(self) -> Optional[Job]:
         with self.lock:
@@ -509,21 +547,29 @@ class Evaluation:
         job.attempts += 1
         with self.lock:
             self.retried.append({"task": job.task, "init_state_index": job.index, "why": why[:200]})
-            if job.attempts < MAX_ATTEMPTS and len(self.dead_addresses) < len(self.addresses):
+            retry = job.attempts < MAX_ATTEMPTS and len(self.dead_addresses) < len(self.addresses)
+            if retry:
                 self.jobs.append(job)
-            else:
-                self.progress.note(f"gave up on {job.task} #{job.index}: {why[:120]}")
+        if not retry:
+            self.progress.note(f"gave up on {job.task} #{job.index}: {why[:120]}")
+            self._finish({"task": job.task, "init_state_index": job.index, "seed": None, "success": False, "steps": 0,
+                          "seconds": 0.0, "failure": "server_lost", "error": why[:2000], "attempts": job.attempts,
+                          "frames": []})
 
     def _record_key(self, task_info: Dict[str, Any]) -> Optional[str]:
-        if not self.video_dir:
+        if self.videos is None and not self.keep_thumbnails:
             return None
         images = [key for key, spec in task_info["observation_spec"].items() if len(spec["shape"]) == 3]
-        return images[0] if images else None
+        wanted = self.videos.camera if self.videos is not None else None
+        return wanted if wanted in images else (images[0] if images else None)
 
     def _finish(self, record: Dict[str, Any]) -> None:
         frames = record.pop("frames")
-        if frames and self.video_dir:
-            record["video"] = save_video(frames, self.video_dir, record)
+        if frames and self.keep_thumbnails:
+            self.thumbnails[(record["task"], record["init_state_index"])] = [png_base64(frames[0]),
+                                                                             png_base64(frames[-1])]
+        if frames and self.videos is not None:
+            record["video"] = self.videos.save(frames, record)
         if record.get("failure") == "policy_error":
             self.progress.note(f"policy failed in {record['task']} #{record['init_state_index']}: "
                                f"{record['error'].strip().splitlines()[-1]}")
@@ -537,9 +583,9 @@ class Evaluation:
             return
         temporary = self.results_path + ".tmp"
         with open(temporary, "w") as results_file:
-            json.dump({"addresses": self.addresses, "servers": self.servers, "tasks": self.tasks,
-                       "task_settings": self.task_settings, "retried": self.retried, "episodes": self.results},
-                      results_file, indent=1)
+            json.dump({"run": self.run_info(), "addresses": self.addresses, "servers": self.servers,
+                       "tasks": self.tasks, "task_settings": self.task_settings, "summary": summary_json(self.results),
+                       "retried": self.retried, "episodes": self.results}, results_file, indent=1)
         os.replace(temporary, self.results_path)
 
 
@@ -579,46 +625,111 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def save_video(frames: List[np.ndarray], folder: str, record: Dict[str, Any]) -> Optional[str]:
-    """The episode as MP4 (GIF without ffmpeg) via imageio; None with a one-line hint without it."""
-    try:
-        import imageio
-    except ImportError:
-        print("hint: pip install imageio (and imageio-ffmpeg for MP4) to save videos", file=sys.stderr)
-        return None
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"{record['task'].replace('/', '__')}__{record['init_state_index']:03d}")
-    try:
-        imageio.mimsave(stem + ".mp4", frames, fps=20)
-        return stem + ".mp4"
-    except Exception:  # no ffmpeg backend: GIF needs only pillow
-        imageio.mimsave(stem + ".gif", frames, duration=50)
-        return stem + ".gif"
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def png_base64(image: np.ndarray, longest_side: int = 160) -> str:
+    """A small PNG of a camera frame, base64, for the report (Pillow)."""
+    from PIL import Image
+
+    step = max(1, math.ceil(max(image.shape[:2]) / longest_side))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image[::step, ::step])).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VideoWriter:
+    """One video per episode: MP4 when imageio-ffmpeg is installed, GIF otherwise.
+
+    Files are named task__initNNN__outcome and never overwrite each other (a rerun adds __2, __3).
+    `camera` picks the observation key; `failed_only` keeps only failed episodes.
+    """
+
+    def __init__(self, folder: str, camera: Optional[str] = None, failed_only: bool = False, fps: int = 20) -> None:
+        self.folder, self.camera, self.failed_only, self.fps = folder, camera, failed_only, fps
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def extension() -> str:
+        return ".mp4" if importlib.util.find_spec("imageio_ffmpeg") is not None else ".gif"
+
+    def save(self, frames: List[np.ndarray], record: Dict[str, Any]) -> Optional[str]:
+        if self.failed_only and record["success"]:
+            return None
+        try:
+            import imageio
+        except ImportError:
+            print("hint: pip install imageio (and imageio-ffmpeg for MP4) to save videos", file=sys.stderr)
+            return None
+        outcome = "success" if record["success"] else (record.get("failure") or "failure")
+        stem = f"{record['task'].replace('/', '__')}__init{record['init_state_index']:03d}__{outcome}"
+        extension = self.extension()
+        with self.lock:  # two threads must not pick the same free name
+            os.makedirs(self.folder, exist_ok=True)
+            path, copy = os.path.join(self.folder, stem + extension), 1
+            while os.path.exists(path):
+                copy += 1
+                path = os.path.join(self.folder, f"{stem}__{copy}{extension}")
+            open(path, "wb").close()
+        if extension == ".mp4":
+            imageio.mimsave(path, frames, fps=self.fps, macro_block_size=1)
+        else:
+            imageio.mimsave(path, frames, duration=1000 / self.fps, loop=0)
+        return path
 
 
 # --- summaries ---------------------------------------------------------------
 
-def summarize(results: List[Dict[str, Any]]) -> List[Tuple[str, int, float, float, float]]:
-    """(task, episodes, success rate, mean steps, mean seconds) per task, then "overall"."""
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> Tuple[float, float]:
+    """The Wilson score interval of a success rate (95% by default): honest at 0% and 100% too."""
+    if n == 0:
+        return 0.0, 1.0
+    rate = successes / n
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, round(centre - half, 12)), min(1.0, round(centre + half, 12))
+
+
+def task_group(task: str) -> str:
+    """The suite of "suite/task" names; other tasks form one group."""
+    return task.rpartition("/")[0] or "tasks"
+
+
+def summarize(results: List[Dict[str, Any]]) -> List[Tuple[str, int, float, float, float, float, float]]:
+    """(name, episodes, success rate, 95% low, 95% high, mean steps, mean seconds) per task, then "overall"."""
     rows = []
     groups = sorted({r["task"] for r in results})
     for name, group in [(t, [r for r in results if r["task"] == t]) for t in groups] + [("overall", results)]:
         if group:
-            rows.append((name, len(group), float(np.mean([r["success"] for r in group])),
+            successes = sum(bool(r["success"]) for r in group)
+            low, high = wilson_interval(successes, len(group))
+            rows.append((name, len(group), successes / len(group), low, high,
                          float(np.mean([r["steps"] for r in group])), float(np.mean([r["seconds"] for r in group]))))
     return rows
 
 
-def print_table(rows: List[Tuple[str, int, float, float, float]]) -> None:
+def summary_json(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per task and overall: episodes, successes, rate and its 95% Wilson interval."""
+    return {row[0]: {"episodes": row[1], "successes": round(row[2] * row[1]), "success_rate": row[2],
+                     "ci95": [row[3], row[4]], "mean_steps": row[5], "mean_seconds": row[6]}
+            for row in summarize(results)}
+
+
+def print_table(rows: List[Tuple[str, int, float, float, float, float, float]]) -> None:
     """summarize()'s rows as a text table on stdout."""
     width = max([len(row[0]) for row in rows] + [4])
-    print(f"{'task':{width}s}  episodes  success  mean steps  mean s")
-    for name, count, rate, steps, seconds in rows:
-        print(f"{name:{width}s}  {count:8d}  {rate:7.2f}  {steps:10.1f}  {seconds:6.2f}")
+    print(f"{'task':{width}s}  episodes  success  95% interval  mean steps  mean s")
+    for name, count, rate, low, high, steps, seconds in rows:
+        print(f"{name:{width}s}  {count:8d}  {rate:7.2f}  [{low:4.2f}, {high:4.2f}]  {steps:10.1f}  {seconds:6.2f}")
 
 
-def save_chart(rows: List[Tuple[str, int, float, float, float]], path: str) -> None:
-    """summarize()'s success rates as a PNG bar chart (needs matplotlib)."""
+def save_chart(rows: List[Tuple[str, int, float, float, float, float, float]], path: str) -> None:
+    """summarize()'s success rates with their 95% intervals as a PNG bar chart (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -627,13 +738,143 @@ def save_chart(rows: List[Tuple[str, int, float, float, float]], path: str) -> N
     except ImportError:
         print("hint: pip install matplotlib to draw the success chart", file=sys.stderr)
         return
-    names = [row[0].split("/")[-1][:40] for row in rows]
-    figure, axes = plt.subplots(figsize=(8, 0.4 * len(rows) + 1))
-    axes.barh(names, [row[2] for row in rows])
+    names = [f"{row[0].split('/')[-1][:40]} (n={row[1]})" for row in rows]
+    rates = np.array([row[2] for row in rows])
+    errors = np.clip(np.array([[row[2] - row[3] for row in rows], [row[4] - row[2] for row in rows]]), 0, None)
+    figure, axes = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    axes.barh(names, rates, xerr=errors, capsize=3, color=["#4c72b0"] * (len(rows) - 1) + ["#dd8452"])
     axes.set_xlim(0, 1)
-    axes.set_xlabel("success rate")
+    axes.invert_yaxis()
+    axes.set_xlabel("success rate (bars: 95% Wilson interval)")
     figure.tight_layout()
     figure.savefig(path)
+
+
+def lerobot_eval_info(results: List[Dict[str, Any]], tasks: List[str], eval_s: float) -> Dict[str, Any]:
+    """The results in LeRobot's eval_info.json shape: per_episode, per_task, per_group, overall."""
+    ordered = sorted(results, key=lambda r: (tasks.index(r["task"]) if r["task"] in tasks else len(tasks),
+                                             r["init_state_index"]))
+
+    def aggregate(group: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {"avg_sum_reward": float(np.mean([r.get("sum_reward", 0.0) for r in group])) if group else 0.0,
+                "avg_max_reward": float(np.mean([r.get("max_reward", 0.0) for r in group])) if group else 0.0,
+                "pc_success": 100.0 * float(np.mean([r["success"] for r in group])) if group else 0.0,
+                "n_episodes": len(group), "video_paths": [r["video"] for r in group if r.get("video")]}
+
+    per_task = []
+    for task_id, task in enumerate(tasks):
+        group = [r for r in ordered if r["task"] == task]
+        per_task.append({"task_group": task_group(task), "task_id": task_id, "task": task, "metrics": {
+            "sum_rewards": [r.get("sum_reward", 0.0) for r in group],
+            "max_rewards": [r.get("max_reward", 0.0) for r in group],
+            "successes": [bool(r["success"]) for r in group], **aggregate(group)}})
+    groups = sorted({task_group(task) for task in tasks})
+    overall = aggregate(ordered)
+    overall.update(eval_s=eval_s, eval_ep_s=eval_s / max(1, len(ordered)))
+    return {
+        "per_episode": [{"episode_ix": i, "sum_reward": r.get("sum_reward", 0.0),
+                         "max_reward": r.get("max_reward", 0.0), "success": bool(r["success"]), "seed": r.get("seed"),
+                         "task": r["task"], "init_state_index": r["init_state_index"]} for i, r in enumerate(ordered)],
+        "per_task": per_task,
+        "per_group": {name: aggregate([r for r in ordered if task_group(r["task"]) == name]) for name in groups},
+        "overall": overall,
+    }
+
+
+# --- the HTML report ---------------------------------------------------------
+
+REPORT_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1d2330; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
+table { border-collapse: collapse; } td, th { padding: 4px 10px; border-bottom: 1px solid #e3e6ec; text-align: left;
+  vertical-align: top; }
+.meta td:first-child { color: #5a6272; } code { font-size: 12px; }
+.chart { display: grid; grid-template-columns: minmax(180px, 38%) 1fr 150px; gap: 6px 12px; align-items: center; }
+.track { position: relative; height: 18px; background: #eef0f4; border-radius: 3px; }
+.bar { position: absolute; left: 0; top: 0; bottom: 0; background: #4c72b0; border-radius: 3px; }
+.bar.overall { background: #dd8452; }
+.interval { position: absolute; top: 8px; height: 2px; background: #1d2330; }
+.interval::before, .interval::after { content: ""; position: absolute; top: -5px; width: 2px; height: 12px;
+  background: #1d2330; }
+.interval::before { left: 0; } .interval::after { right: 0; }
+.success { color: #1a7f37; font-weight: 600; } .failure { color: #b42318; font-weight: 600; }
+img.frame, video { width: 128px; image-rendering: pixelated; margin-right: 4px; }
+"""
+
+
+def _cell(value: Any) -> str:
+    return html.escape(value if isinstance(value, str) else json.dumps(value))
+
+
+def _bars(rows: List[Tuple[str, int, float, float, float, float, float]]) -> str:
+    lines = ['<div class="chart">']
+    for name, count, rate, low, high, _, _ in rows:
+        kind = "bar overall" if name == "overall" else "bar"
+        lines.append(f'<div class="label">{html.escape(name)}</div><div class="track">'
+                     f'<div class="{kind}" style="width:{100 * rate:.2f}%"></div>'
+                     f'<div class="interval" style="left:{100 * low:.2f}%;width:{100 * (high - low):.2f}%"></div>'
+                     f'</div><div>{100 * rate:.1f}% of {count} [{100 * low:.0f}, {100 * high:.0f}]</div>')
+    lines.append("</div>")
+    return "\n".join(lines)
+
+
+def _media(record: Dict[str, Any], thumbnails: Dict[Tuple[str, int], List[str]]) -> str:
+    video = record.get("video")
+    if video and os.path.exists(video) and os.path.getsize(video) < 8 * 2**20:
+        with open(video, "rb") as video_file:
+            data = base64.b64encode(video_file.read()).decode("ascii")
+        if video.endswith(".mp4"):
+            return f'<video controls muted loop src="data:video/mp4;base64,{data}"></video>'
+        return f'<img class="frame" alt="episode" src="data:image/gif;base64,{data}">'
+    frames = thumbnails.get((record["task"], record["init_state_index"]))
+    if frames:
+        return "".join(f'<img class="frame" alt="{which} frame" src="data:image/png;base64,{frame}">'
+                       for which, frame in zip(("first", "last"), frames))
+    return "—"
+
+
+def write_report(path: str, evaluation: Evaluation) -> None:
+    """One self-contained HTML page: provenance, success bars with 95% intervals, every episode."""
+    results = sorted(evaluation.results, key=lambda r: (r["task"], r["init_state_index"]))
+    run = evaluation.run_info()
+    meta = "".join(f"<tr><td>{html.escape(key)}</td><td><code>{_cell(value)}</code></td></tr>"
+                   for key, value in run.items())
+    servers = "".join(f"<tr><td>{html.escape(address)}</td><td><code>{_cell(info)}</code></td></tr>"
+                      for address, info in evaluation.servers.items())
+    settings = "".join(f"<tr><td>{html.escape(task)}</td><td><code>{_cell(values)}</code></td></tr>"
+                       for task, values in sorted(evaluation.task_settings.items()))
+    suites = summarize([{**r, "task": task_group(r["task"])} for r in results])
+    episodes = []
+    for record in results:
+        outcome = "success" if record["success"] else (record.get("failure") or "failure")
+        episodes.append(
+            f'<tr class="episode"><td>{html.escape(record["task"])}</td><td>{record["init_state_index"]}</td>'
+            f'<td>{_cell(record.get("seed"))}</td>'
+            f'<td class="{"success" if record["success"] else "failure"}">{html.escape(outcome)}</td>'
+            f'<td>{record["steps"]}</td><td>{record["seconds"]:.1f}</td><td>{_media(record, evaluation.thumbnails)}'
+            f'</td></tr>')
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title><style>{REPORT_STYLE}</style></head>
+<body>
+<h1>Evaluation report: {html.escape(run["policy"])}</h1>
+<table class="meta">{meta}</table>
+<h2>Success by suite</h2>
+{_bars(suites)}
+<h2>Success by task</h2>
+{_bars(summarize(results))}
+<h2>Episodes ({len(results)})</h2>
+<table class="episodes"><tr><th>task</th><th>init state</th><th>seed</th><th>outcome</th><th>steps</th>
+<th>seconds</th><th>video or first and last frame</th></tr>
+{"".join(episodes)}
+</table>
+<h2>Servers</h2>
+<table class="meta">{servers}</table>
+<h2>Task settings that decide the score</h2>
+<table class="meta">{settings}</table>
+</body></html>
+"""
+    with open(path, "w") as report_file:
+        report_file.write(page)
 
 
 # --- before any episode: servers, tasks ---------------------------------------
@@ -684,8 +925,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task (init states 0..N-1)")
     parser.add_argument("--parallel", type=int, default=1, help="episodes at once, one session each")
     parser.add_argument("--results", default="eval_results.json", help="JSON results; rerunning resumes it")
-    parser.add_argument("--videos", default=None, help="folder for one video per episode")
-    parser.add_argument("--chart", default=None, help="PNG bar chart of success rates")
+    parser.add_argument("--videos", default=None, help="folder for one video per episode (MP4 with imageio-ffmpeg)")
+    parser.add_argument("--video-camera", default=None, help="observation key the videos show (default: first image)")
+    parser.add_argument("--videos-failed-only", action="store_true", help="keep videos of failed episodes only")
+    parser.add_argument("--chart", default=None, help="PNG bar chart of success rates with 95% intervals")
+    parser.add_argument("--report", default=None, help="self-contained HTML report of the run")
+    parser.add_argument("--lerobot-json", default=None, help="also write LeRobot's eval_info.json shape here")
+    parser.add_argument("--force", action="store_true", help="resume a results file made with other settings")
     parser.add_argument("--load-option", action="append", default=[], metavar="KEY=JSON",
                         help="load_task option, e.g. camera_width=224 or flip_images=true")
     parser.add_argument("--batch-size", type=int, default=1,
@@ -723,8 +969,11 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.replan_steps)
     check_servers(addresses, keys, min(PREFLIGHT_TIMEOUT_S, args.timeout))
     tasks = resolve_tasks(addresses[0], args.tasks, args.suite, keys)
-    evaluation = Evaluation(addresses, policy, tasks, args.episodes, args.parallel, args.results, args.videos,
-                            load_options, args.timeout, **keys)
+    videos = VideoWriter(args.videos, args.video_camera, args.videos_failed_only) if args.videos else None
+    started = time.monotonic()
+    evaluation = Evaluation(addresses, policy, tasks, args.episodes, args.parallel, args.results, None,
+                            load_options, args.timeout, videos=videos, keep_thumbnails=bool(args.report),
+                            force=args.force, **keys)
     try:
         results = evaluation.run()
     finally:
@@ -735,7 +984,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"retried {len(evaluation.retried)} episode attempt(s); see 'retried' in the results file")
     if args.chart:
         save_chart(rows, args.chart)
-    return 0 if len(results) == len(tasks) * args.episodes else 1
+    if args.lerobot_json:
+        with open(args.lerobot_json, "w") as lerobot_file:
+            json.dump(lerobot_eval_info(results, tasks, time.monotonic() - started), lerobot_file, indent=1)
+    if args.report:
+        write_report(args.report, evaluation)
+    lost = sum(r.get("failure") == "server_lost" for r in results)
+    return 0 if len(results) == len(tasks) * args.episodes and not lost else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

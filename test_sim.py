@@ -862,7 +862,7 @@ def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_
     assert len(saved["episodes"]) == 20 and saved["retried"]
     assert all(os.path.exists(r["video"]) for r in results)
     rows = sim_eval.summarize(results)
-    assert rows[-1][0] == "overall" and rows[-1][1] == 20
+    assert rows[-1][0] == "overall" and rows[-1][1] == 20 and rows[-1][3] <= rows[-1][2] <= rows[-1][4]
 
 
 def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
@@ -1149,6 +1149,165 @@ def socket_accepts(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
+
+
+# --- results people can trust and look at -------------------------------------
+
+@pytest.mark.parametrize("successes, episodes, low, high", [(45, 50, 0.7864, 0.9565), (0, 10, 0.0, 0.2775),
+                                                            (10, 10, 0.7225, 1.0), (25, 50, 0.3664, 0.6336)])
+def test_wilson_interval_matches_published_values(successes, episodes, low, high):
+    interval = sim_eval.wilson_interval(successes, episodes)
+    assert interval == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+
+
+def test_results_file_records_how_the_run_was_made_and_refuses_other_settings_on_resume(tmp_path, short_mock_server):
+    results = tmp_path / "results.json"
+    common = ["--address", short_mock_server.address, "--tasks", "reach_center", "--results", str(results)]
+    first = run_eval_cli(*common, "--episodes", "2", "--policy", "zero")
+    assert first.returncode == 0, first.stderr
+    saved = json.loads(results.read_text())
+    run = saved["run"]
+    assert run["policy"] == "zero" and run["client_version"] == sim_client.CLIENT_VERSION
+    assert run["started_at"] <= run["finished_at"] and "--episodes" in run["command"]
+    assert saved["servers"][short_mock_server.address]["backend_name"] == "mock"
+    assert [e["seed"] for e in saved["episodes"]] == [0, 1] and {e["failure"] for e in saved["episodes"]} == {"horizon"}
+    assert saved["summary"]["overall"]["ci95"] == [0.0, pytest.approx(0.6576, abs=1e-4)]
+    refused = run_eval_cli(*common, "--episodes", "3", "--policy", "random")
+    assert_one_line_exit_2(refused, "other settings", "--force")
+    forced = run_eval_cli(*common, "--episodes", "3", "--policy", "random", "--force")
+    assert forced.returncode == 0 and len(json.loads(results.read_text())["episodes"]) == 3
+
+
+def test_lerobot_json_has_lerobots_eval_info_shape(tmp_path, short_mock_server):
+    path = tmp_path / "eval_info.json"
+    result = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "reach_floor",
+                          "--episodes", "2", "--results", str(tmp_path / "r.json"), "--lerobot-json", str(path))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(path.read_text())
+    assert set(info) == {"per_episode", "per_task", "per_group", "overall"}
+    assert [e["episode_ix"] for e in info["per_episode"]] == [0, 1, 2, 3]
+    assert {"episode_ix", "sum_reward", "max_reward", "success", "seed"} <= set(info["per_episode"][0])
+    assert [t["task_id"] for t in info["per_task"]] == [0, 1] and info["per_task"][1]["metrics"]["n_episodes"] == 2
+    assert {"pc_success", "n_episodes", "eval_s", "eval_ep_s", "video_paths"} <= set(info["overall"])
+    assert info["overall"]["n_episodes"] == 4 and info["per_group"]["tasks"]["n_episodes"] == 4
+
+
+def test_libero_frames_are_turned_upright_unless_the_convention_already_did():
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert np.array_equal(sim_eval.upright(image, {"suite": "libero_spatial", "flip_images": False}), image[::-1, ::-1])
+    assert np.array_equal(sim_eval.upright(image, {"suite": "libero_spatial", "flip_images": True}), image)
+    assert np.array_equal(sim_eval.upright(image, {"task_name": "reach_center"}), image)
+
+
+def test_videos_are_mp4_named_by_outcome_never_overwritten_and_show_the_chosen_camera(tmp_path, short_mock_server,
+                                                                                     monkeypatch):
+    import imageio
+
+    videos = tmp_path / "videos"
+    for _ in range(2):
+        writer = sim_eval.VideoWriter(str(videos), camera="wrist_image")
+        sim_eval.Evaluation([short_mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=1,
+                            videos=writer).run()
+    assert sorted(os.listdir(videos)) == ["reach_center__init000__horizon.mp4", "reach_center__init000__horizon__2.mp4"]
+    with sim_client.SimulatorClient(short_mock_server.address, timeout_s=30) as sim:
+        sim.load_task("reach_center")
+        wrist = sim.reset(seed=0)[0]["wrist_image"]
+    monkeypatch.setattr(sim_eval.VideoWriter, "extension", staticmethod(lambda: ".gif"))
+    failed_only = sim_eval.VideoWriter(str(tmp_path / "gifs"), camera="wrist_image", failed_only=True)
+    sim_eval.Evaluation([short_mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=1,
+                        videos=failed_only).run()
+    gif = tmp_path / "gifs" / "reach_center__init000__horizon.gif"
+    assert np.array_equal(np.asarray(imageio.mimread(gif)[0])[..., :3], wrist)  # GIF is lossless at 16x16x216
+    assert (videos / "reach_center__init000__horizon.mp4").stat().st_size > 0
+
+
+def test_videos_failed_only_keeps_no_video_of_a_success(tmp_path):
+    writer = sim_eval.VideoWriter(str(tmp_path), failed_only=True)
+    record = {"task": "t", "init_state_index": 0, "success": True}
+    assert writer.save([np.zeros((8, 8, 3), np.uint8)] * 2, record) is None
+    assert not os.listdir(tmp_path)
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync",
+                           f"--user-data-dir={os.path.join(HERE, '.test_venvs', 'chromium-profile')}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_html_report_opens_from_disk_in_chromium_with_a_row_per_episode_and_bars(tmp_path, short_mock_server):
+    from PIL import Image
+
+    report = tmp_path / "report.html"
+    result = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "reach_floor",
+                          "--episodes", "3", "--parallel", "2", "--policy", "random",
+                          "--results", str(tmp_path / "r.json"), "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    dom = chromium("--dump-dom", f"file://{report}").stdout
+    assert dom.count('<tr class="episode">') == 6 and dom.count('class="bar"') == 3 and 'class="bar overall"' in dom
+    assert dom.count('alt="first frame"') == 6 and "reach_floor" in dom and "mock" in dom
+    shot = tmp_path / "report.png"
+    chromium("--window-size=1200,900", f"--screenshot={shot}", f"file://{report}")
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (900, 1200) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+# --- sim_gym.py: gymnasium environments over sessions -------------------------
+
+def test_sim_env_passes_gymnasiums_env_checker_on_the_mock(short_mock_server):
+    from gymnasium.utils.env_checker import check_env
+
+    import sim_gym
+
+    env = sim_gym.SimEnv(short_mock_server.address, "reach_corner")
+    try:
+        check_env(env, skip_render_check=False)
+        observation, info = env.reset(seed=3, options={"init_state_index": 4})
+        assert env.observation_space.contains(observation) and info["step"] == 0
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert isinstance(reward, float) and info["is_success"] is False and not terminated and not truncated
+        assert env.render().shape == (16, 16, 3)
+    finally:
+        env.close()
+    with sim_client.SimulatorClient(short_mock_server.address, timeout_s=30) as sim:
+        assert wait_until(lambda: sim.get_info()["simulator_sessions"] == 0, 10)  # close() ended the session
+
+
+def test_sim_vector_env_steps_sessions_together_and_never_resets_one_by_itself(short_mock_server):
+    import sim_gym
+
+    envs = sim_gym.SimVectorEnv(short_mock_server.address, "reach_center", num_envs=3)
+    try:
+        observations, _ = envs.reset(seed=0)
+        assert observations["state"].shape == (3, 4)
+        assert [int(s[3]) for s in observations["state"]] == [0, 0, 0]
+        for _ in range(6):
+            observations, rewards, terminated, truncated, infos = envs.step(np.zeros((3, 7)))
+        assert truncated.all() and rewards.shape == (3,)
+        with pytest.raises(sim_client.NotReset):  # no auto-reset: the ended episodes stay ended
+            envs.step(np.zeros((3, 7)))
+        observations, _ = envs.reset(options={"reset_mask": np.array([True, False, True])})
+        assert [int(s[3]) for s in observations["state"]] == [0, 6, 0]
+    finally:
+        envs.close()
+
+
+@pytest.mark.libero
+def test_sim_env_passes_gymnasiums_env_checker_on_libero(libero_server):
+    from gymnasium.utils.env_checker import check_env
+
+    import sim_gym
+
+    task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+    env = sim_gym.SimEnv(libero_server.address, task, load_options=SMALL_CAMERA)
+    try:
+        assert env.action_space.shape == (7,) and float(env.action_space.low[0]) == -1.0
+        check_env(env)
+        observation, _ = env.reset(options={"init_state_index": 2})
+        assert np.array_equal(env.render(), observation["agentview_image"][::-1, ::-1])  # upright
+    finally:
+        env.close()
 
 
 # --- soak --------------------------------------------------------------------
