@@ -18,9 +18,8 @@ until you reset it (reset(options={"reset_mask": ...})), so init-state coverage 
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import gymnasium
 import numpy as np
@@ -118,16 +117,21 @@ class SimVectorEnv(VectorEnv):
         addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         self.num_envs = num_envs
         self.pool = ThreadPoolExecutor(max_workers=num_envs)
-        self.envs: List[SimEnv] = list(self.pool.map(
-            lambda index: SimEnv(addresses[index % len(addresses)], task, load_options, **client_options),
-            range(num_envs)))
+        self.envs: List[SimEnv] = self._on_every_env(
+            lambda index: SimEnv(addresses[index % len(addresses)], task, load_options, **client_options))
         self.single_action_space = self.envs[0].action_space
         self.single_observation_space = self.envs[0].observation_space
         self.action_space = gymnasium.vector.utils.batch_space(self.single_action_space, num_envs)
         self.observation_space = gymnasium.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.render_mode = "rgb_array"
         self._observations: List[Optional[Dict[str, np.ndarray]]] = [None] * num_envs
-        self._lock = threading.Lock()
+
+    def _on_every_env(self, call: Callable[[int], Any]) -> List[Any]:
+        """call(i) for every sub-environment at once; only after all have finished is the first
+        error raised, so no call is still using a session when the caller goes on."""
+        futures = [self.pool.submit(call, index) for index in range(self.num_envs)]
+        wait(futures)
+        return [future.result() for future in futures]
 
     def reset(self, *, seed: Union[int, Sequence[Optional[int]], None] = None,
               options: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
@@ -144,12 +148,12 @@ class SimVectorEnv(VectorEnv):
             self._observations[i] = observation
             return info
 
-        infos = list(self.pool.map(reset_one, range(self.num_envs)))
+        infos = self._on_every_env(reset_one)
         return self._batched_observations(), {"infos": infos}
 
     def step(self, actions: Any) -> Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
         per_env = list(gymnasium.vector.utils.iterate(self.action_space, actions))
-        results = list(self.pool.map(lambda i: self.envs[i].step(per_env[i]), range(self.num_envs)))
+        results = self._on_every_env(lambda i: self.envs[i].step(per_env[i]))
         for i, result in enumerate(results):
             self._observations[i] = result[0]
         rewards = np.array([r[1] for r in results], dtype=np.float64)
