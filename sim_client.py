@@ -409,6 +409,13 @@ def zero_action(task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
             for name, spec in task_info["action_spec"].items()}
 
 
+def upright(image: np.ndarray, task_info: Dict[str, Any]) -> np.ndarray:
+    """A camera frame the right way up: LIBERO renders upside down unless its convention flips it."""
+    if "suite" in task_info and not task_info.get("flip_images", False):
+        return image[::-1, ::-1]
+    return image
+
+
 def describe_array(value: Any) -> str:
     """"[shape] dtype" of an array, else the value's type name."""
     if isinstance(value, np.ndarray):

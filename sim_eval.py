@@ -48,6 +48,7 @@ from sim_client import (
     ServerTimeout,
     SimulatorClient,
     SimulatorClientError,
+    upright,
     zero_action,
 )
 
@@ -390,13 +391,6 @@ def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy: Policy,
             "success": success, "steps": steps, "failure": failure, "error": error,
             "sum_reward": float(sum(rewards)), "max_reward": float(max(rewards)) if rewards else 0.0,
             "seconds": round(time.monotonic() - started, 3), "frames": frames}
-
-
-def upright(image: np.ndarray, task_info: Dict[str, Any]) -> np.ndarray:
-    """A camera frame the right way up: LIBERO renders upside down unless the convention flips it."""
-    if "suite" in task_info and not task_info.get("flip_images", False):
-        return image[::-1, ::-1]
-    return image
 
 
 @dataclass

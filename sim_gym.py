@@ -26,7 +26,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from sim_client import SimulatorClient
+from sim_client import SimulatorClient, upright
 
 
 def space_from_spec(spec: Dict[str, Any]) -> spaces.Space:
@@ -42,13 +42,6 @@ def space_from_spec(spec: Dict[str, Any]) -> spaces.Space:
         info = np.iinfo(dtype)
         return spaces.Box(info.min, info.max, shape, dtype)
     return spaces.Box(-np.inf, np.inf, shape, dtype)
-
-
-def upright(image: np.ndarray, task_info: Dict[str, Any]) -> np.ndarray:
-    """A camera frame the right way up: LIBERO renders upside down unless the task flips it."""
-    if "suite" in task_info and not task_info.get("flip_images", False):
-        return image[::-1, ::-1]
-    return image
 
 
 class SimEnv(gymnasium.Env):

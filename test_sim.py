@@ -1187,9 +1187,11 @@ def test_lerobot_json_has_lerobots_eval_info_shape(tmp_path, short_mock_server):
 
 def test_libero_frames_are_turned_upright_unless_the_convention_already_did():
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    assert np.array_equal(sim_eval.upright(image, {"suite": "libero_spatial", "flip_images": False}), image[::-1, ::-1])
-    assert np.array_equal(sim_eval.upright(image, {"suite": "libero_spatial", "flip_images": True}), image)
-    assert np.array_equal(sim_eval.upright(image, {"task_name": "reach_center"}), image)
+    standard = {"suite": "libero_spatial", "flip_images": False}
+    openpi = {"suite": "libero_spatial", "flip_images": True}
+    assert np.array_equal(sim_client.upright(image, standard), image[::-1, ::-1])
+    assert np.array_equal(sim_client.upright(image, openpi), image)
+    assert np.array_equal(sim_client.upright(image, {"task_name": "reach_center"}), image)
 
 
 def test_videos_are_mp4_named_by_outcome_never_overwritten_and_show_the_chosen_camera(tmp_path, short_mock_server,
