@@ -393,6 +393,12 @@ def run_episode(sim: SimulatorClient, task_info: Dict[str, Any], policy: Policy,
             "seconds": round(time.monotonic() - started, 3), "frames": frames}
 
 
+def end_session(sim: Optional[SimulatorClient]) -> None:
+    """End a session on its server (its simulator is freed); nothing for None."""
+    if sim is not None:
+        sim.disconnect()
+
+
 @dataclass
 class Job:
     """One episode to run: a task, the init state (or seed) index, and the attempts made so far."""
@@ -412,13 +418,12 @@ class Evaluation:
     """
 
     def __init__(self, addresses: List[str], policy: Policy, tasks: List[str], episodes: int, parallel: int = 1,
-                 results_path: Optional[str] = None, video_dir: Optional[str] = None,
-                 load_options: Optional[Dict[str, Any]] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 videos: Optional[VideoWriter] = None, keep_thumbnails: bool = False, force: bool = False,
-                 **keys: Optional[str]) -> None:
+                 results_path: Optional[str] = None, load_options: Optional[Dict[str, Any]] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, videos: Optional[VideoWriter] = None,
+                 keep_thumbnails: bool = False, force: bool = False, **keys: Optional[str]) -> None:
         self.addresses, self.policy, self.tasks = list(addresses), policy, list(tasks)
         self.parallel, self.results_path = max(1, parallel), results_path
-        self.videos = videos or (VideoWriter(video_dir) if video_dir else None)
+        self.videos = videos
         self.keep_thumbnails = keep_thumbnails
         self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
         self.load_options = {**policy.load_options, **(load_options or {})}
@@ -434,7 +439,6 @@ class Evaluation:
         self.servers: Dict[str, Dict[str, Any]] = {}  # address -> its get_info
         self.task_settings: Dict[str, Dict[str, Any]] = {}  # task -> its TASK_PROVENANCE fields
         self.lock = threading.Lock()
-        self._thread_sessions = threading.local()  # each worker thread's open session
         self.progress = Progress(self.total)
 
     def _load_results(self, force: bool) -> List[Dict[str, Any]]:
@@ -477,57 +481,48 @@ class Evaluation:
         return live[slot % len(live)] if live else None
 
     def _work(self, slot: int) -> None:
-        sim: Optional[SimulatorClient] = None
+        """One session at a time on this slot's server; it ends (freeing its simulator) when the
+        thread moves to another server and when the jobs run out."""
+        sim, task, task_info = None, None, None
         try:
-            self._work_with(slot, sim)
+            while True:
+                job = self._next_job()
+                if job is None:
+                    break
+                address = self._address_for(slot)
+                if address is None:
+                    self._give_back(job, "every server is down")
+                    break
+                try:
+                    if sim is None or sim.address != address:
+                        end_session(sim)
+                        sim, task = SimulatorClient(address, timeout_s=self.timeout_s, **self.keys), None
+                        self._note_server(address, sim)
+                    if job.task != task:
+                        task_info, task = sim.load_task(job.task, **self.load_options), job.task
+                        with self.lock:
+                            self.task_settings[task] = {key: task_info[key] for key in TASK_PROVENANCE
+                                                        if key in task_info}
+                    record = run_episode(sim, task_info, self.policy, job.index, self._record_key(task_info))
+                except (ServerTimeout, BackendError, ServerBusy) as error:
+                    if isinstance(error, ServerTimeout):
+                        with self.lock:
+                            self.dead_addresses.add(address)
+                    else:  # the server is there: free the slot now
+                        end_session(sim)
+                    if isinstance(error, ServerBusy):
+                        time.sleep(BUSY_BACKOFF_S)
+                    sim, task = None, None
+                    self._give_back(job, f"{type(error).__name__} on {address}: {error}")
+                    continue
+                except ServerError as error:  # the server refused an action or a reset: a failed episode
+                    record = {"init_state_index": job.index, "success": False, "steps": 0, "seconds": 0.0,
+                              "failure": "simulator_error", "error": f"{type(error).__name__}: {error}",
+                              "frames": []}
+                record.update(task=job.task, address=address, attempts=job.attempts + 1)
+                self._finish(record)
         finally:
-            for session in self._sessions_of_this_thread():
-                session.disconnect()  # frees the server's simulator slot for the next run
-
-    def _sessions_of_this_thread(self) -> List[SimulatorClient]:
-        return getattr(self._thread_sessions, "open", [])
-
-    def _open_session(self, address: str) -> SimulatorClient:
-        for session in self._sessions_of_this_thread():
-            session.disconnect()
-        sim = SimulatorClient(address, timeout_s=self.timeout_s, **self.keys)
-        self._thread_sessions.open = [sim]
-        return sim
-
-    def _work_with(self, slot: int, sim: Optional[SimulatorClient]) -> None:
-        task, task_info = None, None
-        while True:
-            job = self._next_job()
-            if job is None:
-                break
-            address = self._address_for(slot)
-            if address is None:
-                self._give_back(job, "every server is down")
-                break
-            try:
-                if sim is None or sim.address != address:
-                    sim = self._open_session(address)
-                    task = None
-                    self._note_server(address, sim)
-                if job.task != task:
-                    task_info, task = sim.load_task(job.task, **self.load_options), job.task
-                    with self.lock:
-                        self.task_settings[task] = {key: task_info[key] for key in TASK_PROVENANCE if key in task_info}
-                record = run_episode(sim, task_info, self.policy, job.index, self._record_key(task_info))
-            except (ServerTimeout, BackendError, ServerBusy) as error:
-                if isinstance(error, ServerTimeout):
-                    with self.lock:
-                        self.dead_addresses.add(address)
-                if isinstance(error, ServerBusy):
-                    time.sleep(BUSY_BACKOFF_S)
-                sim, task = None, None
-                self._give_back(job, f"{type(error).__name__} on {address}: {error}")
-                continue
-            except ServerError as error:  # the server refused an action or a reset: a failed episode
-                record = {"init_state_index": job.index, "success": False, "steps": 0, "seconds": 0.0,
-                          "failure": "simulator_error", "error": f"{type(error).__name__}: {error}", "frames": []}
-            record.update(task=job.task, address=address, attempts=job.attempts + 1)
-            self._finish(record)
+            end_session(sim)
 
     def _note_server(self, address: str, sim: SimulatorClient) -> None:
         if address not in self.servers:
@@ -965,9 +960,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(addresses[0], args.tasks, args.suite, keys)
     videos = VideoWriter(args.videos, args.video_camera, args.videos_failed_only) if args.videos else None
     started = time.monotonic()
-    evaluation = Evaluation(addresses, policy, tasks, args.episodes, args.parallel, args.results, None,
-                            load_options, args.timeout, videos=videos, keep_thumbnails=bool(args.report),
-                            force=args.force, **keys)
+    evaluation = Evaluation(addresses, policy, tasks, args.episodes, args.parallel, args.results, load_options,
+                            args.timeout, videos=videos, keep_thumbnails=bool(args.report), force=args.force, **keys)
     try:
         results = evaluation.run()
     finally:

@@ -839,7 +839,8 @@ def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_
         killer.start()
         evaluation = sim_eval.Evaluation([doomed.address, survivor.address], sim_eval.load_policy("random"),
                                            ["reach_center", "reach_floor"], episodes=10, parallel=2,
-                                           results_path=str(results_path), video_dir=str(tmp_path / "videos"),
+                                           results_path=str(results_path),
+                                           videos=sim_eval.VideoWriter(str(tmp_path / "videos")),
                                            timeout_s=0.5)
         results = evaluation.run()
         killer.join()
