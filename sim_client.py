@@ -120,6 +120,24 @@ class ServerBusy(ServerError):
     error_type = "server_busy"
 
 
+class NoSimulatorSelected(ServerError):
+    """The server serves several simulators and this session has not called select_simulator."""
+
+    error_type = "no_simulator_selected"
+
+
+class UnknownSimulator(ServerError):
+    """select_simulator named a simulator the server does not serve; the message lists them."""
+
+    error_type = "unknown_simulator"
+
+
+class SimulatorAlreadySelected(ServerError):
+    """The session already selected another simulator; disconnect() first to switch."""
+
+    error_type = "simulator_already_selected"
+
+
 class ServerTimeout(SimulatorClientError):
     """No reply in time: the server is gone, overloaded, or refused us (CURVE keys)."""
 
@@ -129,8 +147,12 @@ class ServerUnreachable(ServerTimeout):
     firewall, or CURVE keys the server refuses."""
 
 
+# Methods a session may call before it has selected a simulator.
+WITHOUT_SIMULATOR = ("list_simulators", "select_simulator", "ping", "disconnect")
+
 ERROR_CLASSES = {cls.error_type: cls for cls in (
-    UnknownMethod, InvalidParams, TaskNotFound, NoTaskLoaded, NotReset, BackendError, InternalError, ServerBusy)}
+    UnknownMethod, InvalidParams, TaskNotFound, NoTaskLoaded, NotReset, BackendError, InternalError, ServerBusy,
+    NoSimulatorSelected, UnknownSimulator, SimulatorAlreadySelected)}
 
 # --- codec (the server's ndarray map) ---------------------------------------
 
@@ -187,8 +209,10 @@ class SimulatorClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = DEFAULT_TIMEOUT_S,
                  load_timeout_s: Optional[float] = None, server_key: Optional[str] = None,
                  client_key: Optional[str] = None, retries: int = DEFAULT_RETRIES,
-                 first_contact_timeout_s: Optional[float] = None) -> None:
-        """`server_key`: the server's public key file (server.key) when it runs CURVE;
+                 first_contact_timeout_s: Optional[float] = None, simulator: Optional[str] = None) -> None:
+        """`simulator`: the simulator to use on a server that serves several, selected before the
+        first call and again whenever the server has forgotten the session (a server that serves
+        one checks the name). `server_key`: the server's public key file (server.key) when it runs CURVE;
         `client_key`: this client's secret key file (client.key_secret), whose public half
         the server must list. `sim_server.py --gen-keys DIR` writes both. When nothing at all
         answers within `first_contact_timeout_s` (default: 10 s, or timeout_s if shorter) of
@@ -202,6 +226,8 @@ class SimulatorClient:
         self.load_timeout_s = load_timeout_s if load_timeout_s is not None else max(timeout_s, 300.0)
         self._curve = _load_curve_keys(server_key, client_key)
         self.retries = retries
+        self.simulator = simulator
+        self._selected = False
         self.identity = new_identity()
         self.task_info: Optional[Dict[str, Any]] = None
         self._request_ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
@@ -232,10 +258,23 @@ class SimulatorClient:
         """Leave the current session to the server's reaper and start a new one."""
         self.identity = new_identity()
         self.task_info = None
+        self._selected = False
         self._reconnect()
 
     def call(self, method: str, timeout_s: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
         """Send one request and return the reply's fields, or raise its typed error."""
+        selecting = self.simulator is not None and method not in WITHOUT_SIMULATOR
+        if selecting and not self._selected:
+            self._selected = self.call("select_simulator", simulator=self.simulator)["status"] == "ok"
+        try:
+            return self._call_once(method, timeout_s, fields)
+        except NoSimulatorSelected:
+            if not selecting:
+                raise
+            self.call("select_simulator", simulator=self.simulator)  # a new session on the server
+            return self._call_once(method, timeout_s, fields)
+
+    def _call_once(self, method: str, timeout_s: Optional[float], fields: Dict[str, Any]) -> Dict[str, Any]:
         request_id = next(self._request_ids)
         body = encode(dict(fields, method=method, request_id=request_id))
         if self._first_contact is None:
@@ -313,6 +352,14 @@ class SimulatorClient:
             f"times in all): the server is down, overloaded or unreachable{keys}")
 
     # The protocol's methods -------------------------------------------------
+
+    def list_simulators(self) -> List[str]:
+        """The simulators the server serves (one, unless it was started with several)."""
+        return self.call("list_simulators")["simulators"]
+
+    def select_simulator(self, simulator: str) -> str:
+        """Use `simulator` for this session; needed only when the server serves several."""
+        return self.call("select_simulator", simulator=simulator)["simulator"]
 
     def list_tasks(self, suite: Optional[str] = None) -> List[str]:
         """The server's task names; with `suite` (LIBERO), that suite's as "suite/task"."""
@@ -428,8 +475,9 @@ def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float, **
     print(f"connecting to {address} ...", flush=True)
     with SimulatorClient(address, timeout_s=timeout_s, **keys) as sim:
         info = sim.get_info()
-        print("server: %s %s, %d session(s)" % (info["backend_name"], info["backend_version"],
-                                                 info["active_sessions"]))
+        print("server: %s %s, %d session(s); simulators: %s" % (
+            info["backend_name"], info["backend_version"], info["active_sessions"],
+            ", ".join(info.get("simulators", [info["backend_name"]]))))
         tasks = sim.list_tasks()
         task_name = task or tasks[0]
         print("tasks: %d, loading %s" % (len(tasks), task_name))
@@ -462,12 +510,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--task", default=None, help="task to load (default: the first listed)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
+    parser.add_argument("--simulator", default=None,
+                        help="simulator to select on a server that serves several (see list_simulators)")
     parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
     parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
     args = parser.parse_args(argv)
     try:
         run_demo(args.address, args.task, args.steps, args.timeout, server_key=args.server_key,
-                 client_key=args.client_key)
+                 client_key=args.client_key, simulator=args.simulator)
     except SimulatorClientError as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -420,14 +420,14 @@ class Evaluation:
     def __init__(self, addresses: List[str], policy: Policy, tasks: List[str], episodes: int, parallel: int = 1,
                  results_path: Optional[str] = None, load_options: Optional[Dict[str, Any]] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, videos: Optional[VideoWriter] = None,
-                 keep_thumbnails: bool = False, force: bool = False, **keys: Optional[str]) -> None:
+                 keep_thumbnails: bool = False, force: bool = False, **client_options: Optional[str]) -> None:
         self.addresses, self.policy, self.tasks = list(addresses), policy, list(tasks)
         self.parallel, self.results_path = max(1, parallel), results_path
         self.videos = videos
         self.keep_thumbnails = keep_thumbnails
         self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
         self.load_options = {**policy.load_options, **(load_options or {})}
-        self.timeout_s, self.keys = timeout_s, keys
+        self.timeout_s, self.client_options = timeout_s, client_options
         self.settings = {"policy": policy.name, "load_options": self.load_options}
         self.started_at, self.finished_at = utc_now(), None
         self.results = self._load_results(force)
@@ -496,7 +496,7 @@ class Evaluation:
                 try:
                     if sim is None or sim.address != address:
                         end_session(sim)
-                        sim, task = SimulatorClient(address, timeout_s=self.timeout_s, **self.keys), None
+                        sim, task = SimulatorClient(address, timeout_s=self.timeout_s, **self.client_options), None
                         self._note_server(address, sim)
                     if job.task != task:
                         task_info, task = sim.load_task(job.task, **self.load_options), job.task
@@ -868,10 +868,10 @@ def write_report(path: str, evaluation: Evaluation) -> None:
 
 # --- before any episode: servers, tasks ---------------------------------------
 
-def check_servers(addresses: List[str], keys: Dict[str, Optional[str]], timeout_s: float) -> None:
+def check_servers(addresses: List[str], client_options: Dict[str, Optional[str]], timeout_s: float) -> None:
     """Every server answers a ping, or EvalSetupError naming the one that does not."""
     for address in addresses:
-        sim = SimulatorClient(address, timeout_s=timeout_s, retries=0, **keys)
+        sim = SimulatorClient(address, timeout_s=timeout_s, retries=0, **client_options)
         try:
             sim.ping()
         except ServerTimeout:
@@ -882,9 +882,9 @@ def check_servers(addresses: List[str], keys: Dict[str, Optional[str]], timeout_
 
 
 def resolve_tasks(address: str, tasks: Optional[List[str]], suite: Optional[str],
-                  keys: Dict[str, Optional[str]]) -> List[str]:
+                  client_options: Dict[str, Optional[str]]) -> List[str]:
     """The tasks to run: the suite's, or `tasks` checked against what the server lists."""
-    with SimulatorClient(address, timeout_s=PREFLIGHT_TIMEOUT_S, **keys) as sim:
+    with SimulatorClient(address, timeout_s=PREFLIGHT_TIMEOUT_S, **client_options) as sim:
         try:
             if not tasks:
                 return sim.list_tasks(suite=suite)
@@ -930,6 +930,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--replan-steps", type=int, default=DEFAULT_REPLAN_STEPS,
                         help="openpi://: actions of each returned chunk run before asking again")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call")
+    parser.add_argument("--simulator", default=None,
+                        help="simulator to select on a server that serves several (see list_simulators)")
     parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
     parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
     return parser
@@ -950,18 +952,19 @@ def parse_load_options(options: List[str]) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Check the set-up, run, print the table, save what was asked; 0 when every episode ran."""
-    keys = {"server_key": args.server_key, "client_key": args.client_key}
+    client_options = {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
     addresses = args.address or [DEFAULT_ADDRESS]
     load_options = parse_load_options(args.load_option)
     if args.batch_size < 1 or args.parallel < 1 or args.episodes < 1:
         raise EvalSetupError("--batch-size, --parallel and --episodes must be at least 1")
     policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.replan_steps)
-    check_servers(addresses, keys, min(PREFLIGHT_TIMEOUT_S, args.timeout))
-    tasks = resolve_tasks(addresses[0], args.tasks, args.suite, keys)
+    check_servers(addresses, client_options, min(PREFLIGHT_TIMEOUT_S, args.timeout))
+    tasks = resolve_tasks(addresses[0], args.tasks, args.suite, client_options)
     videos = VideoWriter(args.videos, args.video_camera, args.videos_failed_only) if args.videos else None
     started = time.monotonic()
     evaluation = Evaluation(addresses, policy, tasks, args.episodes, args.parallel, args.results, load_options,
-                            args.timeout, videos=videos, keep_thumbnails=bool(args.report), force=args.force, **keys)
+                            args.timeout, videos=videos, keep_thumbnails=bool(args.report), force=args.force,
+                            **client_options)
     try:
         results = evaluation.run()
     finally:

@@ -3,15 +3,17 @@
     pip install -r requirements.txt
     python sim_server.py --simulator libero            # LIBERO on tcp://*:5555
     python sim_server.py --simulator mock --port 5556  # a fake simulator, for trying clients
+    python sim_server.py --simulator libero,robosuite --python robosuite=/venvs/rs15/bin/python
 
-Clients (see sim_client.py) send one msgpack map per request: list_tasks,
-load_task, reset, step, get_info, ping, disconnect. Every client is a
+Clients (see sim_client.py) send one msgpack map per request: list_simulators,
+select_simulator, list_tasks, load_task, reset, step, get_info, ping,
+disconnect. Every client is a
 session; each session's simulator runs in its own worker process, so a slow
 step never stalls the poll loop or another session, and a simulator that
 crashes or hangs ends only its own session.
 
 Parts, in order: configuration, protocol codec, requests and replies,
-simulator workers (the code that runs in a worker process), worker handles,
+simulator catalogs, simulator workers (the code that runs in a worker process), worker handles,
 session table, connections, CURVE, simulator requests (to a worker and back),
 the poll loop and dispatch, main().
 
@@ -26,38 +28,52 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import glob
 import io
 import itertools
 import logging
-import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 import numpy as np
-import zmq
-import zmq.auth
-import zmq.utils.monitor
-from zmq.auth.thread import ThreadAuthenticator
+
+try:
+    import zmq
+    import zmq.auth
+    import zmq.utils.monitor
+    from zmq.auth.thread import ThreadAuthenticator
+except ImportError:  # a simulator worker under another interpreter (--python) needs only numpy and msgpack
+    zmq = None
 
 from backends import available_backends, get_backend
 from backends.base import (
     BackendError,
     InternalError,
     InvalidParams,
+    NoSimulatorSelected,
     NoTaskLoaded,
     NotReset,
     ServerBusy,
+    SimulatorAlreadySelected,
     SimulatorBackend,
     SimulatorError,
+    TaskNotFound,
     UnknownMethod,
+    UnknownSimulator,
 )
 
 log = logging.getLogger("sim_server")
@@ -81,7 +97,9 @@ MAX_TASKS_PER_WORKER = 8
 MAX_CHUNK = 256
 # Methods a session's worker process answers; everything else the loop answers.
 SIMULATOR_METHODS = ("load_task", "reset", "step")
-LOOP_METHODS = ("list_tasks", "get_info", "ping", "disconnect")
+LOOP_METHODS = ("list_simulators", "select_simulator", "list_tasks", "get_info", "ping", "disconnect")
+# What a session may ask before it has a simulator (with several served, it must select one).
+METHODS_WITHOUT_SIMULATOR = ("list_simulators", "select_simulator", "ping", "disconnect")
 # What a backend's get_info may add to the server's: the simulator stack and renderer in use.
 PROVENANCE_KEYS = ("simulator_stack", "renderer")
 # ZMTP heartbeats free half-open connections: a frozen peer's routing id is released.
@@ -102,7 +120,7 @@ def default_max_sessions() -> int:
 
 @dataclass(frozen=True)
 class Config:
-    simulator: str
+    simulators: Tuple[str, ...]
     bind: str
     log_level: str
     session_timeout_s: float
@@ -112,11 +130,12 @@ class Config:
     max_request_bytes: int
     curve_secret_key: str = ""  # the server's .key_secret file; empty means CURVE off
     curve_clients: str = ""  # folder of allowed client .key files
+    interpreters: Dict[str, str] = field(default_factory=dict)  # simulator -> the Python its workers run under
 
 
 # (flag, environment variable, default, type, help); --port is handled apart.
 SETTINGS = [
-    ("--simulator", "SIM_BACKEND", "libero", str, "simulator backend to serve"),
+    ("--simulator", "SIM_BACKEND", "libero", str, "simulators to serve, comma separated (e.g. mock,libero)"),
     ("--bind", "SIM_BIND_ADDRESS", "tcp://*:5555", str, "ZMQ address the ROUTER binds"),
     ("--log-level", "SIM_LOG_LEVEL", "INFO", str, "DEBUG logs every request"),
     ("--session-timeout", "SIM_SESSION_TIMEOUT_S", 300.0, float, "idle seconds before a session is reaped"),
@@ -155,6 +174,9 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         value = env_setting(env_var, default, kind)
         parser.add_argument(flag, type=kind, default=value, help=f"{text} (env {env_var}; now {value})")
     parser.add_argument("--port", type=int, default=None, help="shorthand for --bind tcp://*:PORT")
+    parser.add_argument("--python", action="append", default=[], metavar="NAME=INTERPRETER",
+                        help="run simulator NAME's workers under INTERPRETER, e.g. another venv's bin/python "
+                             "(repeatable; env SIM_PYTHON_<NAME>)")
     parser.add_argument("--gen-keys", metavar="DIR", default=None,
                         help="write a server and a client CURVE key pair into DIR, then exit")
     args = parser.parse_args(argv)
@@ -163,8 +185,10 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         parser.exit(0)
     bind = f"tcp://*:{args.port}" if args.port is not None else args.bind
     check_port(bind)
+    simulators = simulator_names(args.simulator)
     return Config(
-        simulator=args.simulator,
+        simulators=simulators,
+        interpreters=interpreter_settings(simulators, args.python),
         bind=bind,
         log_level=args.log_level.upper(),
         session_timeout_s=args.session_timeout,
@@ -175,6 +199,33 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         curve_secret_key=args.curve_secret_key,
         curve_clients=args.curve_clients,
     )
+
+
+def simulator_names(text: str) -> Tuple[str, ...]:
+    """The served simulators of "mock,libero", in order, each once; SetupError for an unknown name."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise SetupError("--simulator names no simulator")
+    available = available_backends()
+    for name in names:
+        if name not in available:
+            raise SetupError(f"unknown simulator {name!r}; available: {', '.join(available)}")
+    return names
+
+
+def interpreter_settings(simulators: Tuple[str, ...], flags: List[str]) -> Dict[str, str]:
+    """simulator -> interpreter from SIM_PYTHON_<NAME> and --python NAME=INTERPRETER (the flag wins)."""
+    interpreters = {name: os.environ[f"SIM_PYTHON_{name.upper()}"] for name in simulators
+                    if os.environ.get(f"SIM_PYTHON_{name.upper()}")}
+    for flag in flags:
+        name, equals, interpreter = flag.partition("=")
+        if not (equals and name and interpreter):
+            raise SetupError(f"--python {flag!r}: expected NAME=INTERPRETER, e.g. robosuite=/opt/rs15/bin/python")
+        if name not in simulators:
+            raise SetupError(f"--python {flag!r}: {name!r} is not among the served simulators "
+                             f"({', '.join(simulators)})")
+        interpreters[name] = interpreter
+    return interpreters
 
 
 def check_port(bind: str) -> None:
@@ -335,6 +386,145 @@ def error_reply(request_id: Any, error: SimulatorError) -> bytes:
     return encode(reply)
 
 
+# --- simulator catalogs: what the loop knows of a simulator without running it --
+
+SERVER_FILE = os.path.abspath(__file__)
+# Hidden first arguments that make `python sim_server.py` a worker or a catalog reader, under
+# whichever interpreter serves that simulator (--python).
+WORKER_ENTRY = "--simulator-worker"
+CATALOG_ENTRY = "--simulator-catalog"
+# Reading a catalog imports the simulator and probes its renderer: seconds, not minutes.
+CATALOG_TIMEOUT_S = 180.0
+# How much of a failed interpreter's stderr an error reply quotes.
+STDERR_TAIL_CHARS = 1500
+
+
+def catalog_snapshot(simulator: str) -> Dict[str, Any]:
+    """What the loop needs of `simulator`, read in this interpreter: tasks, suites, static info, and
+    the environment its prepare_server set for the workers (e.g. MUJOCO_GL).
+
+    Raises BackendError when the simulator cannot run here.
+    """
+    backend_class = get_backend(simulator)
+    before = dict(os.environ)
+    backend_class.prepare_server()
+    worker_env = {name: value for name, value in os.environ.items() if before.get(name) != value}
+    backend = backend_class()
+    try:
+        return {"tasks": backend.list_tasks(), "suites": backend.suites(),
+                "unavailable_suites": backend.unavailable_suites(), "info": backend.get_info(),
+                "worker_env": worker_env}
+    finally:
+        backend.close()
+
+
+class Catalog:
+    """One served simulator as the loop knows it: its tasks and info, read once, and how to start
+    its workers. A simulator that could not be read answers backend_error with the reason."""
+
+    def __init__(self, simulator: str, snapshot: Optional[Dict[str, Any]], interpreter: str,
+                 problem: Optional[str] = None) -> None:
+        self.simulator = simulator
+        self.interpreter = interpreter
+        self.problem = problem
+        snapshot = snapshot or {}
+        self.tasks: List[str] = snapshot.get("tasks", [])
+        self.suites: Dict[str, List[str]] = snapshot.get("suites", {})
+        self.unavailable_suites: Dict[str, str] = snapshot.get("unavailable_suites", {})
+        self.info: Dict[str, Any] = snapshot.get("info", {"backend_name": simulator, "backend_version": "unknown"})
+        self.worker_env: Dict[str, str] = snapshot.get("worker_env", {})
+        self.known = set(self.tasks).union(*self.suites.values())
+
+    def _check_usable(self) -> None:
+        if self.problem is not None:
+            raise BackendError(self.problem)
+
+    def list_tasks(self, suite: Optional[str] = None) -> List[str]:
+        """The default task list, or a suite's tasks; TaskNotFound for a suite that cannot load here."""
+        self._check_usable()
+        if suite is None:
+            return self.tasks
+        if suite in self.suites:
+            return self.suites[suite]
+        raise TaskNotFound(self._no_suite(suite))
+
+    def check_task(self, task_name: str) -> None:
+        """TaskNotFound unless load_task can find `task_name`: checked before any simulator starts."""
+        self._check_usable()
+        if task_name in self.known:
+            return
+        suite, _, name = task_name.rpartition("/")
+        if suite and suite not in self.suites:
+            raise TaskNotFound(self._no_suite(suite))
+        choices = self.suites.get(suite, self.tasks)
+        close = difflib.get_close_matches(task_name, choices, n=5, cutoff=0.3)
+        raise TaskNotFound(f"no {self.simulator} task {task_name!r}; close matches: {close or choices[:5]}")
+
+    def _no_suite(self, suite: str) -> str:
+        if suite in self.unavailable_suites:
+            return self.unavailable_suites[suite]
+        if not self.suites:
+            return f"the {self.simulator} simulator has no task suites; call list_tasks without 'suite'"
+        close = difflib.get_close_matches(suite, list(self.suites), n=5)
+        return f"no {self.simulator} suite {suite!r}; close matches: {close or list(self.suites)[:5]}"
+
+
+def stderr_tail(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= STDERR_TAIL_CHARS else "..." + text[-STDERR_TAIL_CHARS:]
+
+
+def read_catalog(simulator: str, interpreter: Optional[str]) -> Catalog:
+    """The catalog of `simulator`: read here, or by `interpreter` in a child process so this one never
+    imports a simulator another Python serves. Only this interpreter's failures are a SetupError."""
+    if interpreter is None:
+        try:
+            return Catalog(simulator, catalog_snapshot(simulator), sys.executable)
+        except BackendError as error:
+            raise SetupError(f"cannot serve {simulator}: {error}") from None
+    with tempfile.TemporaryDirectory(prefix="sim-catalog-") as folder:
+        path = os.path.join(folder, "catalog.msgpack")
+        try:
+            result = subprocess.run([interpreter, SERVER_FILE, CATALOG_ENTRY, simulator, path],
+                                    stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                    errors="replace", timeout=CATALOG_TIMEOUT_S)
+        except OSError as error:
+            return Catalog(simulator, None, interpreter, f"cannot run {interpreter} for {simulator}: {error}")
+        except subprocess.TimeoutExpired:
+            return Catalog(simulator, None, interpreter, f"{interpreter} did not list {simulator}'s tasks in "
+                           f"{CATALOG_TIMEOUT_S:.0f} s")
+        if result.returncode != 0 or not os.path.exists(path):
+            return Catalog(simulator, None, interpreter, f"{interpreter} cannot serve {simulator} (exit code "
+                           f"{result.returncode}); its stderr ends: {stderr_tail(result.stderr)}")
+        with open(path, "rb") as snapshot_file:
+            return Catalog(simulator, decode(snapshot_file.read(), max_bytes=2**30), interpreter)
+
+
+def open_catalogs(config: Config) -> Dict[str, Catalog]:
+    """A catalog per served simulator, in --simulator order; a broken --python interpreter is logged
+    here and answered as backend_error to the sessions that select its simulator."""
+    catalogs = {}
+    for simulator in config.simulators:
+        catalog = read_catalog(simulator, config.interpreters.get(simulator))
+        if catalog.problem is not None:
+            log.error("%s is not available: %s", simulator, catalog.problem)
+        catalogs[simulator] = catalog
+    return catalogs
+
+
+def catalog_main(simulator: str, path: str) -> int:
+    """`sim_server.py --simulator-catalog NAME PATH`: write NAME's catalog snapshot to PATH."""
+    logging.basicConfig(level="WARNING", format=f"%(asctime)s catalog {simulator} %(levelname)s %(message)s")
+    try:
+        snapshot = catalog_snapshot(simulator)
+    except BackendError as error:
+        print(f"cannot serve {simulator}: {error}", file=sys.stderr)
+        return 3
+    with open(path, "wb") as snapshot_file:
+        snapshot_file.write(encode(snapshot))
+    return 0
+
+
 # --- simulator workers: this part runs in the worker process -----------------
 
 CLOSE_WORKER = b""  # a zero-length message on the worker pipe means "close and exit"
@@ -423,6 +613,10 @@ class SessionSimulator:
         options.update(fields)
         self.episode_running = False
         task_info = self.backend.load_task(task_name, **options)
+        static = self.backend.get_info()
+        for key in PROVENANCE_KEYS:  # the versions this worker's own interpreter runs
+            if key in static:
+                task_info.setdefault(key, static[key])
         self.task_loaded = True
         self.action_ndims = {name: len(spec["shape"]) for name, spec in task_info["action_spec"].items()}
         return task_info
@@ -465,11 +659,13 @@ class SessionSimulator:
                 "truncated": bool(truncated), "info": info}
 
 
-def simulator_worker_main(conn, simulator: str, session_id: str, log_level: str) -> None:
-    """Entry point of a worker process: answer request bodies from the pipe until closed."""
+def simulator_worker_main(fd: int, simulator: str, session_id: str, log_level: str) -> int:
+    """`sim_server.py --simulator-worker FD NAME SESSION LEVEL`: answer request bodies from the
+    socket FD until the server closes it or says CLOSE_WORKER."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes us
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker {session_id} %(levelname)s %(message)s")
+    conn = multiprocessing.connection.Connection(fd)
     simulator_session = SessionSimulator(get_backend(simulator)())
     try:
         while True:
@@ -482,21 +678,56 @@ def simulator_worker_main(conn, simulator: str, session_id: str, log_level: str)
             conn.send_bytes(simulator_session.handle(body))
     finally:
         simulator_session.backend.close()
+    return 0
 
 
 # --- worker handles: the server's side of a worker process -------------------
 
-class Worker:
-    """The server's handle on one simulator process and its pipe."""
+class StderrRelay:
+    """Copies a worker's stderr to the server's, line by line, keeping the last lines so that a
+    worker that dies can be explained to its client."""
 
-    def __init__(self, simulator: str, session_id: str, log_level: str) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork: EGL state must not be inherited
-        self.conn, child_conn = context.Pipe(duplex=True)
-        self.process = context.Process(
-            target=simulator_worker_main, args=(child_conn, simulator, session_id, log_level),
-            name=f"sim-{session_id}", daemon=True)
-        self.process.start()
-        child_conn.close()  # so the worker's death reads as EOF here
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.lines: deque = deque(maxlen=30)
+        self.thread = threading.Thread(target=self._relay, name="worker-stderr", daemon=True)
+        self.thread.start()
+
+    def _relay(self) -> None:
+        with self.pipe:
+            for raw in iter(self.pipe.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                self.lines.append(line)
+                sys.stderr.write(line)
+
+    def tail(self) -> str:
+        self.thread.join(timeout=1.0)  # the rest of a dead worker's output
+        return stderr_tail("".join(self.lines))
+
+
+class Worker:
+    """The server's handle on one simulator process: its pipe, its stderr and its exit.
+
+    The process is `python sim_server.py --simulator-worker ...` under the simulator's interpreter,
+    started fresh (no fork: EGL state must not be inherited) and given the project's folder.
+    """
+
+    def __init__(self, catalog: Catalog, session_id: str, log_level: str, env: Dict[str, str]) -> None:
+        parent_end, worker_end = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [catalog.interpreter, SERVER_FILE, WORKER_ENTRY, str(worker_end.fileno()), catalog.simulator,
+                 session_id, log_level],
+                pass_fds=[worker_end.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env=env, cwd=os.path.dirname(SERVER_FILE))
+        except OSError as error:
+            parent_end.close()
+            raise BackendError(f"cannot start a {catalog.simulator} simulator with {catalog.interpreter}: "
+                               f"{error}") from None
+        finally:
+            worker_end.close()  # so the worker's death reads as EOF here
+        self.conn = multiprocessing.connection.Connection(parent_end.detach())
+        self.stderr = StderrRelay(self.process.stderr)
         self.pid = self.process.pid
         self.close_deadline: Optional[float] = None
         self.task_switches = 0  # for MAX_TASKS_PER_WORKER
@@ -521,15 +752,14 @@ class Worker:
             pass  # already gone
 
     def kill(self) -> None:
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
-        self.process.join(timeout=5)
+        self.process.wait(timeout=5)
         self.conn.close()
 
     def finished(self) -> bool:
         """True once the worker exited (reaped) or was killed after its grace period."""
-        if not self.process.is_alive():
-            self.process.join(timeout=0)
+        if self.process.poll() is not None:
             self.conn.close()
             return True
         if self.close_deadline is not None and time.monotonic() > self.close_deadline:
@@ -538,12 +768,15 @@ class Worker:
             return True
         return False
 
-    def exit_description(self) -> str:
-        self.process.join(timeout=1)
-        code = self.process.exitcode
-        if code is not None and code < 0:
-            return f"killed by signal {signal.Signals(-code).name}"
-        return f"exit code {code}"
+    def death_description(self) -> str:
+        """How the process ended, and the last lines it wrote to stderr."""
+        try:
+            code = self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        tail = self.stderr.tail()
+        return f"{how}; its stderr ends: {tail}" if tail else how
 
 
 # --- session table -----------------------------------------------------------
@@ -566,6 +799,7 @@ class Session:
     session_id: str
     connection: Optional[int] = None  # number of the TCP connection that opened it
     curve_key: Optional[str] = None  # the CURVE public key that opened it
+    simulator: Optional[str] = None  # the one it selected (or the only one served)
     last_active: float = field(default_factory=time.monotonic)
     worker: Optional[Worker] = None
     current_task: Optional[str] = None
@@ -606,9 +840,10 @@ class SessionTable:
     def get(self, key: bytes) -> Optional[Session]:
         return self.sessions.get(key)
 
-    def open(self, key: bytes, routing_id: bytes, connection: Optional[int], curve_key: Optional[str]) -> Session:
+    def open(self, key: bytes, routing_id: bytes, connection: Optional[int], curve_key: Optional[str],
+             simulator: Optional[str]) -> Session:
         session = Session(session_key=key, routing_id=routing_id, session_id=uuid.uuid4().hex[:12],
-                          connection=connection, curve_key=curve_key)
+                          connection=connection, curve_key=curve_key, simulator=simulator)
         self.sessions[key] = session
         log.info("session %s started", session.session_id)
         return session
@@ -781,10 +1016,10 @@ class WorkerRouter:
     deadlines, and turns a dead or hung simulator into backend_error for its session alone.
     """
 
-    def __init__(self, config: Config, catalog: SimulatorBackend, sessions: SessionTable,
+    def __init__(self, config: Config, catalogs: Dict[str, Catalog], sessions: SessionTable,
                  reply: Callable[[List[bytes], bytes], None]) -> None:
         self.config = config
-        self.catalog = catalog
+        self.catalogs = catalogs
         self.sessions = sessions
         self.reply = reply
 
@@ -793,7 +1028,7 @@ class WorkerRouter:
         if self._answered_as_a_retry(session, envelope, request):
             return
         if request.method == "load_task":
-            self._check_task_name(request.fields)
+            self._check_task_name(session, request.fields)
             self._retire_worn_worker(session, request.fields["task_name"])
             self._ensure_worker(session)
         elif session.crash is not None:
@@ -822,12 +1057,12 @@ class WorkerRouter:
             return True
         return False
 
-    def _check_task_name(self, fields: Dict[str, Any]) -> None:
+    def _check_task_name(self, session: Session, fields: Dict[str, Any]) -> None:
         """Refuse a bad task name here, so it never costs a simulator process."""
         task_name = fields.get("task_name")
         if not isinstance(task_name, str):
             raise InvalidParams("load_task needs a string 'task_name'")
-        self.catalog.check_task(task_name)
+        self.catalogs[session.simulator].check_task(task_name)
 
     def _retire_worn_worker(self, session: Session, task_name: str) -> None:
         """Start a fresh process after MAX_TASKS_PER_WORKER task switches: simulators leak on close."""
@@ -846,9 +1081,10 @@ class WorkerRouter:
             return
         if self.sessions.with_simulator() >= self.config.max_sessions:
             raise ServerBusy(f"all {self.config.max_sessions} simulator sessions are in use; try again later")
+        catalog = self.catalogs[session.simulator]
+        worker = Worker(catalog, session.session_id, self.config.log_level, {**os.environ, **catalog.worker_env})
         session.crash = None
-        self.sessions.attach_worker(session, Worker(self.config.simulator, session.session_id,
-                                                    self.config.log_level))
+        self.sessions.attach_worker(session, worker)
         log.info("session %s: simulator process %d started", session.session_id, session.worker.pid)
 
     def forward_reply(self, session: Session) -> None:
@@ -869,7 +1105,7 @@ class WorkerRouter:
         self.reply(pending.envelope, body)
 
     def _worker_died(self, session: Session) -> None:
-        reason = f"simulator process {session.worker.pid} died ({session.worker.exit_description()})"
+        reason = f"simulator process {session.worker.pid} died ({session.worker.death_description()})"
         log.warning("session %s: %s", session.session_id, reason)
         self.sessions.detach_worker(session).kill()
         self._fail_session(session, reason)
@@ -900,10 +1136,9 @@ class WorkerRouter:
 class SimulatorServer:
     """The ROUTER frontend's poll loop: requests in, simulator work out to workers, replies back."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, catalogs: Dict[str, Catalog]) -> None:
         self.config = config
-        self.catalog = get_backend(config.simulator)()  # answers list_tasks and get_info without a simulator
-        self.backend_info = self.catalog.get_info()  # static: read once, not per get_info
+        self.catalogs = catalogs  # answer list_tasks and get_info without a simulator
         self.started = time.monotonic()
         self.stopping = False
         self.context = zmq.Context()
@@ -920,7 +1155,7 @@ class SimulatorServer:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.connections = ConnectionTracker(self.frontend, self.poller)
         self.sessions = SessionTable(self.poller)
-        self.router = WorkerRouter(config, self.catalog, self.sessions, self.reply)
+        self.router = WorkerRouter(config, catalogs, self.sessions, self.reply)
 
     def _bind_frontend(self) -> zmq.Socket:
         frontend = self.context.socket(zmq.ROUTER)
@@ -947,7 +1182,7 @@ class SimulatorServer:
     # The loop ---------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        log.info("serving %s on %s (max %d simulator sessions)", self.config.simulator, self.endpoint,
+        log.info("serving %s on %s (max %d simulator sessions)", ", ".join(self.catalogs), self.endpoint,
                  self.config.max_sessions)
         next_reap = time.monotonic()
         while not self.stopping:
@@ -1028,7 +1263,8 @@ class SimulatorServer:
         key = session_key(routing_id, connection)
         session = self.sessions.get(key)
         if session is None:
-            return self.sessions.open(key, routing_id, connection, curve_key)
+            only = next(iter(self.catalogs)) if len(self.catalogs) == 1 else None
+            return self.sessions.open(key, routing_id, connection, curve_key, only)
         if session.curve_key != curve_key:
             log.warning("session %s: refused a request from another CURVE key", session.session_id)
             raise InvalidParams("this session was opened by another client key")
@@ -1036,21 +1272,26 @@ class SimulatorServer:
 
     def dispatch(self, session: Session, envelope: List[bytes], request: Request, body: bytes) -> None:
         method = request.method
+        if method not in LOOP_METHODS + SIMULATOR_METHODS:
+            raise UnknownMethod(f"unknown method {method!r}; methods: {', '.join(LOOP_METHODS + SIMULATOR_METHODS)}")
+        if session.simulator is None and method not in METHODS_WITHOUT_SIMULATOR:
+            raise NoSimulatorSelected(f"{method} needs a simulator: call select_simulator with one of "
+                                      f"{', '.join(self.catalogs)}")
         if method in LOOP_METHODS:
             self.reply(envelope, self.answer_in_loop(session, request))
-        elif method in SIMULATOR_METHODS:
-            self.router.forward(session, envelope, request, body)
         else:
-            raise UnknownMethod(f"unknown method {method!r}; methods: {', '.join(LOOP_METHODS + SIMULATOR_METHODS)}")
+            self.router.forward(session, envelope, request, body)
 
     def answer_in_loop(self, session: Session, request: Request) -> bytes:
+        if request.method == "list_simulators":
+            return ok_reply(request.request_id, simulators=list(self.catalogs))
+        if request.method == "select_simulator":
+            return ok_reply(request.request_id, simulator=self.select_simulator(session, request.fields))
         if request.method == "list_tasks":
             suite = request.fields.get("suite")
-            if suite is None:
-                return ok_reply(request.request_id, tasks=self.catalog.list_tasks())
-            if not isinstance(suite, str):
+            if suite is not None and not isinstance(suite, str):
                 raise InvalidParams("suite must be a string")
-            return ok_reply(request.request_id, tasks=self.catalog.list_suite(suite))
+            return ok_reply(request.request_id, tasks=self.catalogs[session.simulator].list_tasks(suite))
         if request.method == "get_info":
             return ok_reply(request.request_id, **self.session_info(session))
         if request.method == "ping":
@@ -1058,10 +1299,26 @@ class SimulatorServer:
         self.sessions.end(session, "disconnected")
         return ok_reply(request.request_id)
 
+    def select_simulator(self, session: Session, fields: Dict[str, Any]) -> str:
+        """The session's simulator, chosen once; with one served, naming it again is fine."""
+        name = fields.get("simulator")
+        if not isinstance(name, str):
+            raise InvalidParams("select_simulator needs a string 'simulator'")
+        if name not in self.catalogs:
+            raise UnknownSimulator(f"no simulator {name!r} here; available: {', '.join(self.catalogs)}")
+        if session.simulator is not None and not (len(self.catalogs) == 1 and name == session.simulator):
+            raise SimulatorAlreadySelected(f"this session already uses {session.simulator}; disconnect to "
+                                           "switch simulators")
+        session.simulator = name
+        log.info("session %s selected %s", session.session_id, name)
+        return name
+
     def session_info(self, session: Session) -> Dict[str, Any]:
-        backend = self.backend_info
+        backend = self.catalogs[session.simulator].info
         return {
-            "backend_name": backend.get("backend_name", self.config.simulator),
+            "simulator": session.simulator,
+            "simulators": list(self.catalogs),
+            "backend_name": backend.get("backend_name", session.simulator),
             "backend_version": backend.get("backend_version", "unknown"),
             "server_version": SERVER_VERSION,
             "current_task": session.current_task,
@@ -1098,28 +1355,22 @@ class SimulatorServer:
 # --- main --------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [WORKER_ENTRY]:
+        fd, simulator, session_id, log_level = argv[1:]
+        return simulator_worker_main(int(fd), simulator, session_id, log_level)
+    if argv[:1] == [CATALOG_ENTRY]:
+        return catalog_main(*argv[1:])
+    if zmq is None:
+        print(f"sim_server: {sys.executable} has no pyzmq: pip install -r requirements.txt", file=sys.stderr)
+        return 2
     try:
         config = parse_config(argv)
-    except SetupError as error:
-        print(f"sim_server: {error}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        backend_class = get_backend(config.simulator)
-    except KeyError as error:
-        print(f"sim_server: {error.args[0]}", file=sys.stderr)
-        return 2
-    curve_problem = check_curve_config(config)
-    if curve_problem:
-        print(f"sim_server: {curve_problem}", file=sys.stderr)
-        return 2
-    try:
-        backend_class.prepare_server()
-    except BackendError as error:
-        print(f"sim_server: cannot serve {config.simulator}: {error}", file=sys.stderr)
-        return 2
-    try:
-        server = SimulatorServer(config)
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        problem = check_curve_config(config)
+        if problem:
+            raise SetupError(problem)
+        server = SimulatorServer(config, open_catalogs(config))
     except SetupError as error:
         print(f"sim_server: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from backends.base import InvalidParams
 from harness_sim import (
     HERE,
     REPLY_TIMEOUT_MS,
+    RawClient,
     ServerProcess,
     children_of,
     free_port,
@@ -883,7 +885,8 @@ def test_results_file_records_servers_and_the_task_settings_that_decide_the_scor
     saved = json.loads(results_path.read_text())
     server = saved["servers"][mock_server.address]
     assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
-    assert saved["task_settings"]["reach_center"] == {"max_episode_steps": 100}
+    assert saved["task_settings"]["reach_center"] == {
+        "max_episode_steps": 100, "simulator_stack": {"python": platform.python_version(), "numpy": np.__version__}}
 
 
 # --- the first ten minutes: set-up mistakes get one clear line ---------------
@@ -1354,6 +1357,150 @@ def test_mock_backend_passes_protocol_conformance(mock_server):
     check_protocol_conformance(mock_server, "reach_center", np.zeros(7), np.zeros(5))
 
 
+# --- several simulators in one server, each in its own Python -----------------
+
+@pytest.fixture(scope="module")
+def two_simulator_server():
+    with running_server("mock,gymnasium", env={"SIM_MOCK_IMAGE_SIZE": "16"}) as server:
+        yield server
+
+
+def test_several_simulators_follow_the_newest_protocols_selection_rules(two_simulator_server):
+    client = two_simulator_server.client()
+    assert client.request("list_simulators") == {"status": "ok", "simulators": ["mock", "gymnasium"]}
+    for method, fields in (("list_tasks", {}), ("load_task", {"task_name": "reach_center"}), ("reset", {}),
+                           ("step", {"action": [0.0] * 7}), ("get_info", {})):
+        assert_error(client.request(method, **fields), "no_simulator_selected")
+    assert client.request("ping")["status"] == "ok"
+    assert_error(client.request("select_simulator"), "invalid_params")
+    reply = client.request("select_simulator", simulator="bullet")
+    assert_error(reply, "unknown_simulator")
+    assert "mock, gymnasium" in reply["message"]
+    assert client.request("select_simulator", simulator="gymnasium") == {"status": "ok", "simulator": "gymnasium"}
+    assert_error(client.request("select_simulator", simulator="mock"), "simulator_already_selected")
+    assert_error(client.request("select_simulator", simulator="gymnasium"), "simulator_already_selected")
+    assert "CartPole-v1" in client.request("list_tasks")["tasks"]
+    assert client.request("get_info")["simulator"] == "gymnasium"
+    assert client.request("disconnect")["status"] == "ok"  # forgets the selection
+    assert_error(client.request("list_tasks"), "no_simulator_selected")
+    assert client.request("select_simulator", simulator="mock")["status"] == "ok"
+    assert client.request("list_tasks")["tasks"] == ["reach_center", "reach_corner", "reach_floor"]
+
+
+def newest_example_flow(client: RawClient, simulator: str, task: str, action) -> dict:
+    """The original system's newest reference client, call for call."""
+    assert simulator in client.request("list_simulators")["simulators"]
+    assert client.request("select_simulator", simulator=simulator)["simulator"] == simulator
+    assert task in client.request("list_tasks")["tasks"]
+    assert client.request("load_task", task_name=task)["status"] == "ok"
+    assert client.request("reset")["status"] == "ok"
+    for _ in range(3):
+        assert client.request("step", action=action)["status"] == "ok"
+    info = client.request("get_info")
+    assert client.request("disconnect")["status"] == "ok"
+    return info
+
+
+def test_newest_example_flow_runs_on_several_simulators_and_on_one(two_simulator_server, mock_server):
+    info = newest_example_flow(two_simulator_server.client(), "gymnasium", "CartPole-v1", 1)
+    assert (info["simulator"], info["backend_name"], info["current_task"]) == ("gymnasium", "gymnasium", "CartPole-v1")
+    info = newest_example_flow(two_simulator_server.client(), "mock", "reach_floor", [0.0] * 7)
+    assert (info["simulator"], info["simulators"]) == ("mock", ["mock", "gymnasium"])
+    info = newest_example_flow(mock_server.client(), "mock", "reach_floor", [0.0] * 7)
+    assert info["simulators"] == ["mock"]
+    one = mock_server.client()
+    assert_error(one.request("select_simulator", simulator="gymnasium"), "unknown_simulator")
+    assert one.request("list_tasks")["status"] == "ok"  # one simulator: selected without asking
+
+
+def test_client_selects_its_simulator_and_again_on_a_new_session(two_simulator_server):
+    with sim_client.SimulatorClient(two_simulator_server.address, timeout_s=30, simulator="gymnasium") as sim:
+        assert sim.load_task("CartPole-v1")["action_spec"]
+        sim.new_session()
+        assert "CartPole-v1" in sim.list_tasks()
+        assert sim.get_info()["simulator"] == "gymnasium"
+    with pytest.raises(sim_client.UnknownSimulator, match="mock, gymnasium"):
+        sim_client.SimulatorClient(two_simulator_server.address, timeout_s=30, simulator="bullet").list_tasks()
+    with pytest.raises(sim_client.NoSimulatorSelected):
+        sim_client.SimulatorClient(two_simulator_server.address, timeout_s=30).list_tasks()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--simulator", "mock,bullet"], "unknown simulator 'bullet'"),
+    (["--simulator", "mock", "--python", "mock"], "expected NAME=INTERPRETER"),
+    (["--simulator", "mock", "--python", "libero=/usr/bin/python3"], "not among the served simulators"),
+])
+def test_bad_simulator_lists_and_interpreters_exit_with_one_line(args, message):
+    result = run_server_cli(*args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+OLD_GYMNASIUM_VENV = os.path.join(HERE, ".test_venvs", "gymnasium-0.29")
+
+
+@pytest.fixture(scope="session")
+def old_gymnasium_python():
+    """A venv with another Gymnasium and NumPy than the server's, and no pyzmq: made once and kept."""
+    python = os.path.join(OLD_GYMNASIUM_VENV, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", OLD_GYMNASIUM_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "gymnasium==0.29.1", "numpy==1.26.4", "msgpack"],
+                       check=True, timeout=600)
+    return python
+
+
+def test_a_simulator_runs_under_its_own_interpreter_beside_one_under_the_servers(old_gymnasium_python):
+    with running_server("mock,gymnasium", "--python", f"gymnasium={old_gymnasium_python}") as server:
+        client = server.client()
+        client.request("select_simulator", simulator="gymnasium")
+        info = client.request("get_info")
+        assert info["simulator_stack"]["gymnasium"] == "0.29.1" and info["simulator_stack"]["numpy"] == "1.26.4"
+        task_info = client.request("load_task", task_name="CartPole-v1")["task_info"]
+        assert task_info["simulator_stack"] == info["simulator_stack"]  # the worker's own versions
+        assert client.request("reset", seed=3)["status"] == "ok"
+        assert client.request("step", action=1)["status"] == "ok"
+        assert "Pendulum-v1" in client.request("list_tasks")["tasks"]
+        assert_error(client.request("load_task", task_name="CartPole-v9"), "task_not_found")
+        mock = server.client()
+        mock.request("select_simulator", simulator="mock")
+        assert mock.request("get_info")["simulator_stack"]["numpy"] == np.__version__
+        assert mock.request("load_task", task_name="reach_center")["status"] == "ok"
+    import gymnasium
+    assert gymnasium.__version__ != "0.29.1"  # so the versions above came from the other venv
+
+
+def failing_interpreter(tmp_path, when: str) -> str:
+    """A wrapper around this Python that fails, with a message on stderr, when it is run `when`."""
+    script = tmp_path / f"python-failing-{when}"
+    script.write_text(f'#!/bin/sh\ncase "$2" in {when}) echo "this interpreter is broken" >&2; exit 1;; esac\n'
+                      f'exec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_missing_or_broken_interpreter_answers_backend_error_with_its_stderr(tmp_path):
+    broken_catalog = failing_interpreter(tmp_path, sim_server.CATALOG_ENTRY)
+    broken_worker = failing_interpreter(tmp_path, sim_server.WORKER_ENTRY)
+    with running_server("mock,gymnasium,robosuite", "--python", "gymnasium=/nonexistent/bin/python",
+                        "--python", f"robosuite={broken_catalog}") as server:
+        for simulator, words in (("gymnasium", "/nonexistent/bin/python"), ("robosuite", "this interpreter is broken")):
+            client = server.client()
+            client.request("select_simulator", simulator=simulator)
+            for method, fields in (("list_tasks", {}), ("load_task", {"task_name": "Lift"})):
+                reply = client.request(method, **fields)
+                assert_error(reply, "backend_error")
+                assert words in reply["message"]
+        mock = server.client()
+        mock.request("select_simulator", simulator="mock")
+        assert mock.request("load_task", task_name="reach_center")["status"] == "ok"  # the others keep serving
+    with running_server("mock", "--python", f"mock={broken_worker}") as server:
+        client = server.client()
+        reply = client.request("load_task", task_name="reach_center")  # answered, not left hanging
+        assert_error(reply, "backend_error")
+        assert "this interpreter is broken" in reply["message"] and "exit code 1" in reply["message"]
+        assert client.request("ping")["status"] == "ok"
+
+
 # --- Gymnasium backend -------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -1510,6 +1657,55 @@ def test_libero_task_from_each_standard_suite_loads_and_steps(libero_server, sui
         step = client.request("step", action=np.zeros(7))
         assert step["status"] == "ok" and step["info"]["step"] == 1
         assert set(step["observation"]) == set(task_info["observation_spec"])
+    finally:
+        client.request("disconnect")
+        client.close()
+
+PRO_SUITES = [f"libero_{base}_{kind}" for base in ("spatial", "object", "goal", "10")
+              for kind in ("lan", "object", "swap", "task")]
+
+
+@pytest.mark.libero
+def test_libero_pro_suites_list_and_one_of_each_perturbation_loads_resets_and_steps(libero_server):
+    client = libero_server.client()
+    try:
+        for suite in PRO_SUITES:
+            tasks = client.request("list_tasks", suite=suite)["tasks"]
+            assert len(tasks) == 10 and all(task.startswith(f"{suite}/") for task in tasks), suite
+        for suite in ("libero_spatial_lan", "libero_object_object", "libero_goal_swap", "libero_10_task"):
+            task_name = client.request("list_tasks", suite=suite)["tasks"][0]
+            task_info = client.request("load_task", task_name=task_name, **SMALL_CAMERA)["task_info"]
+            assert task_info["suite"] == suite and task_info["num_init_states"] > 0  # init states ship with it
+            assert client.request("reset", init_state_index=task_info["num_init_states"] - 1)["status"] == "ok"
+            assert client.request("step", action=np.zeros(7))["info"]["step"] == 1
+        for method, fields in (("list_tasks", {"suite": "libero_spatial_env"}),
+                               ("load_task", {"task_name": "libero_spatial_env/anything"})):
+            reply = client.request(method, **fields)
+            assert_error(reply, "task_not_found")
+            assert "ships no BDDL files or init states" in reply["message"]
+    finally:
+        client.request("disconnect")
+        client.close()
+
+
+@pytest.mark.libero
+def test_libero_original_observation_names_carry_the_same_arrays(libero_server):
+    task_name = libero_suite(LIBERO_SUITE).get_task_names()[0]
+    client = libero_server.client()
+    try:
+        observations = {}
+        for names in ("libero", "original"):
+            task_info = client.request("load_task", task_name=task_name, observation_names=names,
+                                       **SMALL_CAMERA)["task_info"]
+            observations[names] = client.request("reset", init_state_index=2)["observation"]
+            assert set(task_info["observation_spec"]) == set(observations[names])
+        original = observations["original"]
+        assert set(original) == {"agentview_image", "eye_in_hand_image", "joint_positions", "joint_velocities",
+                                 "ee_pos", "ee_quat", "gripper_position", "gripper_velocity"}
+        for ours, theirs in (("robot0_eye_in_hand_image", "eye_in_hand_image"), ("robot0_joint_pos", "joint_positions"),
+                             ("robot0_eef_quat", "ee_quat"), ("robot0_gripper_qvel", "gripper_velocity")):
+            assert np.array_equal(observations["libero"][ours], original[theirs])
+        assert_error(client.request("load_task", task_name=task_name, observation_names="lerobot"), "invalid_params")
     finally:
         client.request("disconnect")
         client.close()

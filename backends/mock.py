@@ -32,6 +32,7 @@ from backends.base import (
     TaskNotFound,
     array_spec,
     require_action,
+    stack_versions,
 )
 
 VERSION = "1.0"
@@ -146,7 +147,7 @@ class MockBackend(SimulatorBackend):
         return {"image": image, "wrist_image": image[::-1].copy(), "state": state}
 
     def get_info(self) -> Dict[str, Any]:
-        return {"backend_name": self.name, "backend_version": VERSION}
+        return {"backend_name": self.name, "backend_version": VERSION, "simulator_stack": stack_versions()}
 
     def close(self) -> None:
         self.task = None

@@ -28,12 +28,14 @@ from backends.base import (
     Observation,
     SimulatorBackend,
     StepResult,
+    TaskNotFound,
     array_spec,
     choose_renderer,
     observation_spec_of,
     package_versions,
     require_action,
     require_modules,
+    stack_versions,
 )
 
 log = logging.getLogger("sim_server.robosuite")
@@ -49,6 +51,21 @@ def environment_names() -> List[str]:
     return list(robosuite.ALL_ENVIRONMENTS)
 
 
+def controller_config(robosuite, controller: str, robot: str) -> Dict[str, Any]:
+    """robosuite 1.4's arm controller config; on 1.5 the robot's composite config with that arm controller."""
+    if hasattr(robosuite, "load_controller_config"):
+        return robosuite.load_controller_config(default_controller=controller)
+    from robosuite.controllers import load_part_controller_config
+
+    config = robosuite.load_composite_controller_config(controller=None, robot=robot)
+    for part in ("right", "left"):
+        arm = config["body_parts"].get(part)
+        if arm is not None and arm["type"] != controller:
+            config["body_parts"][part] = {**load_part_controller_config(default_controller=controller),
+                                          "gripper": arm.get("gripper", {"type": "GRIP"})}
+    return config
+
+
 def make_env(task_name: str, settings: Dict[str, Any]):
     """The robosuite env for these settings; the in-process reference builds it the same way."""
     import robosuite
@@ -56,7 +73,7 @@ def make_env(task_name: str, settings: Dict[str, Any]):
     cameras = settings["cameras"]
     return robosuite.make(
         task_name, robots=settings["robots"],
-        controller_configs=robosuite.load_controller_config(default_controller=settings["controller"]),
+        controller_configs=controller_config(robosuite, settings["controller"], settings["robots"][0]),
         has_renderer=False, has_offscreen_renderer=bool(cameras), use_camera_obs=bool(cameras),
         camera_names=cameras or "agentview", camera_widths=settings["camera_width"],
         camera_heights=settings["camera_height"], reward_shaping=settings["reward_shaping"],
@@ -106,7 +123,8 @@ class RobosuiteBackend(SimulatorBackend):
         return list(self._names)
 
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
-        self.check_task(task_name)
+        if task_name not in self.list_tasks():
+            raise TaskNotFound(f"no robosuite environment {task_name!r}; environments: {', '.join(self.list_tasks())}")
         settings = load_settings(task_name, options)
         self.close()
         try:
@@ -148,7 +166,8 @@ class RobosuiteBackend(SimulatorBackend):
         return dict(observation), float(reward), success, truncated, {"success": success, "step": self.steps}
 
     def get_info(self) -> Dict[str, Any]:
-        return {"backend_name": self.name, "backend_version": package_versions("robosuite")}
+        return {"backend_name": self.name, "backend_version": package_versions("robosuite"),
+                "simulator_stack": stack_versions("mujoco", "robosuite")}
 
     def close(self) -> None:
         env, self.env = self.env, None
