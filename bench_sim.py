@@ -22,7 +22,7 @@ import zmq
 
 import sim_client
 import sim_server
-from harness_sim import ServerProcess, free_port
+from harness_sim import ServerProcess, free_port, libero_suite
 
 LIBERO_SIZE_OBSERVATION = {
     "agentview_image": np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8),
@@ -255,13 +255,91 @@ def bench_libero() -> list:
     ]
 
 
+def libero_steps_per_second(address: str, sessions: int, seconds: float, **load_options) -> float:
+    """Total steps/s of `sessions` clients stepping one libero_spatial task with small random actions."""
+    task = libero_suite("libero_spatial").get_task_names()[0]
+    counts = [0] * sessions
+    ready = threading.Barrier(sessions)
+
+    def run(index: int) -> None:
+        rng = np.random.default_rng(index)
+        with sim_client.SimulatorClient(address, timeout_s=120) as sim:
+            sim.load_task(task, **load_options)
+            sim.reset()
+            sim.step(np.zeros(7))  # the first rendered frame builds the renderer's state
+            ready.wait()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                sim.step(rng.uniform(-0.2, 0.2, 7))
+                counts[index] += 1
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / seconds
+
+
+def bench_libero_cameras() -> list:
+    """A session that reads one camera renders one: the step against one that renders both."""
+    server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
+    try:
+        both = libero_steps_per_second(server.address, 1, 10.0)
+        one = libero_steps_per_second(server.address, 1, 10.0, cameras=["agentview"])
+    finally:
+        server.stop()
+    return [row("LIBERO step, cameras=[agentview] vs both cameras (256x256)", 1 / one, 1 / both, goal="<= 0.6x")]
+
+
+def bench_render_threads() -> list:
+    """Steps/s of 1, 2 and 4 LIBERO sessions: llvmpipe's own thread count (one per core in every
+    process) against --render-threads auto (the cores shared by the running simulators)."""
+    cores = os.cpu_count() or 1
+    rows = []
+    for sessions in (1, 2, 4):
+        rates = {}
+        for label, threads in (("llvmpipe default", str(cores)), ("auto", "auto")):
+            server = ServerProcess("libero", "--render-threads", threads, "--max-sessions", "4",
+                                   env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
+            try:
+                rates[label] = libero_steps_per_second(server.address, sessions, 15.0)
+            finally:
+                server.stop()
+        rows.append((f"LIBERO {sessions} session(s), total steps/s: --render-threads auto vs {cores} per process",
+                     f"{rates['auto']:.2f}/s", f"{rates['llvmpipe default']:.2f}/s",
+                     f"{rates['auto'] / rates['llvmpipe default']:.2f}x", f"cores: {cores}"))
+    return rows
+
+
+def bench_libero_episodes_per_hour() -> list:
+    """Zero policy on libero_spatial, standard convention, as many sessions as cores: whole episodes
+    (the zero action never succeeds, so each runs the 220-step horizon) per hour."""
+    import sim_eval
+
+    cores = os.cpu_count() or 1
+    server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
+    tasks = libero_suite("libero_spatial").get_task_names()[:cores]
+    try:
+        started = time.perf_counter()
+        results = sim_eval.Evaluation([server.address], sim_eval.load_policy("zero"),
+                                      [f"libero_spatial/{task}" for task in tasks], episodes=1,
+                                      parallel=cores).run()
+        elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    episodes = len(results)
+    return [(f"LIBERO episodes/hour, zero policy, libero_spatial, {cores} sessions ({episodes} episodes "
+             "incl. loading)", f"{episodes * 3600 / elapsed:.0f}/h", "", "", f"cores: {cores}")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-libero", action="store_true", help="skip the LIBERO figures")
     args = parser.parse_args()
     rows = bench_codec() + bench_round_trip() + bench_parallel_sessions() + bench_batching()
     if not args.no_libero:
-        rows += bench_libero()
+        rows += bench_libero() + bench_libero_cameras() + bench_render_threads() + bench_libero_episodes_per_hour()
     header = ("measure", "ours", "baseline", "ratio", "goal")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "

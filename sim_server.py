@@ -128,6 +128,8 @@ class Config:
     step_timeout_s: float
     load_timeout_s: float
     max_request_bytes: int
+    render_threads: Optional[int] = None  # None: share the cores among the running simulators
+    egl_devices: Tuple[str, ...] = ()  # EGL device ids given to workers in turn; () leaves MUJOCO_EGL_DEVICE_ID alone
     curve_secret_key: str = ""  # the server's .key_secret file; empty means CURVE off
     curve_clients: str = ""  # folder of allowed client .key files
     interpreters: Dict[str, str] = field(default_factory=dict)  # simulator -> the Python its workers run under
@@ -143,6 +145,10 @@ SETTINGS = [
     ("--step-timeout", "SIM_STEP_TIMEOUT_S", 60.0, float, "seconds a reset or step may run before it is killed"),
     ("--load-timeout", "SIM_LOAD_TIMEOUT_S", 300.0, float, "seconds a load_task may run before it is killed"),
     ("--max-request-bytes", "SIM_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES, int, "largest request frame accepted"),
+    ("--render-threads", "SIM_RENDER_THREADS", "auto", str,
+     "llvmpipe/OpenMP/BLAS threads per simulator process: auto (the cores shared by the running simulators) or N"),
+    ("--egl-devices", "SIM_EGL_DEVICES", "auto", str,
+     "EGL devices handed to simulator processes in turn: auto (the visible NVIDIA GPUs), none, or e.g. 0,1"),
     ("--curve-secret-key", "SIM_CURVE_SECRET_KEY", "", str, "server's CURVE secret key file: turns on CURVE"),
     ("--curve-clients", "SIM_CURVE_CLIENTS", "", str, "folder of the client public keys CURVE lets in"),
 ]
@@ -196,6 +202,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         step_timeout_s=args.step_timeout,
         load_timeout_s=args.load_timeout,
         max_request_bytes=args.max_request_bytes,
+        render_threads=render_threads_setting(args.render_threads),
+        egl_devices=egl_device_setting(args.egl_devices),
         curve_secret_key=args.curve_secret_key,
         curve_clients=args.curve_clients,
     )
@@ -226,6 +234,29 @@ def interpreter_settings(simulators: Tuple[str, ...], flags: List[str]) -> Dict[
                              f"({', '.join(simulators)})")
         interpreters[name] = interpreter
     return interpreters
+
+
+def render_threads_setting(text: str) -> Optional[int]:
+    if text == "auto":
+        return None
+    if not (text.isdigit() and int(text) >= 1):
+        raise SetupError(f"--render-threads {text!r}: expected auto or a positive number of threads")
+    return int(text)
+
+
+def egl_device_setting(text: str) -> Tuple[str, ...]:
+    """"auto": the NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES, else the driver's list)."""
+    if text == "none":
+        return ()
+    if text != "auto":
+        devices = tuple(device.strip() for device in text.split(","))
+        if not all(device.isdigit() for device in devices):
+            raise SetupError(f"--egl-devices {text!r}: expected auto, none or device numbers such as 0,1")
+        return devices
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return tuple(device.strip() for device in visible.split(",") if device.strip().isdigit())
+    return tuple(str(index) for index in range(len(glob.glob("/proc/driver/nvidia/gpus/*"))))
 
 
 def check_port(bind: str) -> None:
@@ -779,6 +810,34 @@ class Worker:
         return f"{how}; its stderr ends: {tail}" if tail else how
 
 
+class WorkerEnvironment:
+    """The environment a new simulator process starts with: its simulator's settings (e.g.
+    MUJOCO_GL), renderer and math threads that fit the machine, and the next EGL device.
+
+    llvmpipe, OpenMP and BLAS each start a thread per core in every process, so N simulators
+    on N cores would run N*N threads. A worker gets the cores shared among the simulators
+    running when it starts (all of them when it is alone); a variable the operator set wins.
+    """
+
+    THREAD_VARIABLES = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+    def __init__(self, render_threads: Optional[int], egl_devices: Tuple[str, ...]) -> None:
+        self.render_threads = render_threads
+        self.egl_devices = egl_devices
+        self.started = 0  # workers started so far: the EGL round-robin's position
+
+    def for_worker(self, catalog: Catalog, running: int) -> Dict[str, str]:
+        """The environment for a worker of `catalog` started while `running` others run."""
+        env = {**os.environ, **catalog.worker_env}
+        threads = self.render_threads or max(1, (os.cpu_count() or 1) // (running + 1))
+        for name in self.THREAD_VARIABLES:
+            env.setdefault(name, str(threads))
+        if self.egl_devices and env.get("MUJOCO_GL") == "egl" and "MUJOCO_EGL_DEVICE_ID" not in os.environ:
+            env["MUJOCO_EGL_DEVICE_ID"] = self.egl_devices[self.started % len(self.egl_devices)]
+        self.started += 1
+        return env
+
+
 # --- session table -----------------------------------------------------------
 
 @dataclass
@@ -1020,6 +1079,7 @@ class WorkerRouter:
                  reply: Callable[[List[bytes], bytes], None]) -> None:
         self.config = config
         self.catalogs = catalogs
+        self.worker_environment = WorkerEnvironment(config.render_threads, config.egl_devices)
         self.sessions = sessions
         self.reply = reply
 
@@ -1082,7 +1142,8 @@ class WorkerRouter:
         if self.sessions.with_simulator() >= self.config.max_sessions:
             raise ServerBusy(f"all {self.config.max_sessions} simulator sessions are in use; try again later")
         catalog = self.catalogs[session.simulator]
-        worker = Worker(catalog, session.session_id, self.config.log_level, {**os.environ, **catalog.worker_env})
+        env = self.worker_environment.for_worker(catalog, self.sessions.with_simulator())
+        worker = Worker(catalog, session.session_id, self.config.log_level, env)
         session.crash = None
         self.sessions.attach_worker(session, worker)
         log.info("session %s: simulator process %d started", session.session_id, session.worker.pid)

