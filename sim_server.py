@@ -37,6 +37,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -500,6 +501,11 @@ class Catalog:
         return f"no {self.simulator} suite {suite!r}; close matches: {close or list(self.suites)[:5]}"
 
 
+def frame_header(size: int) -> bytes:
+    """multiprocessing.connection's length prefix, so a worker reads requests with Connection."""
+    return struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+
+
 def stderr_tail(text: str) -> str:
     text = text.strip()
     return text if len(text) <= STDERR_TAIL_CHARS else "..." + text[-STDERR_TAIL_CHARS:]
@@ -558,7 +564,25 @@ def catalog_main(simulator: str, path: str) -> int:
 
 # --- simulator workers: this part runs in the worker process -----------------
 
-CLOSE_WORKER = b""  # a zero-length message on the worker pipe means "close and exit"
+CLOSE_WORKER = b""
+PIPE_BUFFER_BYTES = 4 * 1024 * 1024  # a zero-length message on the worker pipe means "close and exit"
+
+
+# glibc serves allocations above 128 KiB with fresh mmaps and unmaps them on free, so every
+# observation-sized buffer (encode, pipe read) faulted its pages in anew: 3.8x the mock's
+# worker time. Up to these sizes, freed memory is kept for the next reply instead.
+MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
+
+
+def reuse_freed_memory() -> None:
+    """Raise glibc's mmap and trim thresholds for this process (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, TRIM_THRESHOLD_BYTES)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _die_with_parent() -> None:
@@ -694,6 +718,7 @@ def simulator_worker_main(fd: int, simulator: str, session_id: str, log_level: s
     """`sim_server.py --simulator-worker FD NAME SESSION LEVEL`: answer request bodies from the
     socket FD until the server closes it or says CLOSE_WORKER."""
     _die_with_parent()
+    reuse_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes us
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker {session_id} %(levelname)s %(message)s")
     conn = multiprocessing.connection.Connection(fd)
@@ -745,6 +770,9 @@ class Worker:
 
     def __init__(self, catalog: Catalog, session_id: str, log_level: str, env: Dict[str, str]) -> None:
         parent_end, worker_end = socket.socketpair()
+        for end in (parent_end, worker_end):  # a whole reply fits: no ping-pong between worker and loop
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER_BYTES)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIPE_BUFFER_BYTES)
         try:
             self.process = subprocess.Popen(
                 [catalog.interpreter, SERVER_FILE, WORKER_ENTRY, str(worker_end.fileno()), catalog.simulator,
@@ -757,28 +785,42 @@ class Worker:
                                f"{error}") from None
         finally:
             worker_end.close()  # so the worker's death reads as EOF here
-        self.conn = multiprocessing.connection.Connection(parent_end.detach())
+        self.pipe = parent_end  # multiprocessing.connection's framing, which the worker's Connection speaks
         self.stderr = StderrRelay(self.process.stderr)
         self.pid = self.process.pid
         self.close_deadline: Optional[float] = None
         self.task_switches = 0  # for MAX_TASKS_PER_WORKER
 
     def fileno(self) -> int:
-        return self.conn.fileno()
+        return self.pipe.fileno()
 
     def submit(self, body: bytes) -> None:
         """Hand a request body to the simulator; OSError when the worker is gone."""
-        self.conn.send_bytes(body)
+        self.pipe.sendall(frame_header(len(body)) + body)
 
-    def read_reply(self) -> bytes:
-        """The simulator's reply body; EOFError or OSError when the worker died."""
-        return self.conn.recv_bytes()
+    def read_reply(self) -> bytearray:
+        """The simulator's reply body, read straight into one buffer (multiprocessing's reader
+        copies a reply three times); EOFError or OSError when the worker died."""
+        size = struct.unpack("!i", self._read_exactly(4))[0]
+        if size == -1:
+            size = struct.unpack("!Q", self._read_exactly(8))[0]
+        return self._read_exactly(size)
+
+    def _read_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            count = self.pipe.recv_into(view[got:])
+            if count == 0:
+                raise EOFError("the simulator process closed its pipe")
+            got += count
+        return buffer
 
     def begin_close(self) -> None:
         """Ask the worker to close its simulator; finished() enforces the grace period."""
         self.close_deadline = time.monotonic() + WORKER_CLOSE_GRACE_S
         try:
-            self.conn.send_bytes(CLOSE_WORKER)
+            self.submit(CLOSE_WORKER)
         except OSError:
             pass  # already gone
 
@@ -786,12 +828,12 @@ class Worker:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=5)
-        self.conn.close()
+        self.pipe.close()
 
     def finished(self) -> bool:
         """True once the worker exited (reaped) or was killed after its grace period."""
         if self.process.poll() is not None:
-            self.conn.close()
+            self.pipe.close()
             return True
         if self.close_deadline is not None and time.monotonic() > self.close_deadline:
             log.warning("worker %s did not close in %.0f s; killing it", self.pid, WORKER_CLOSE_GRACE_S)
@@ -1422,6 +1464,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return simulator_worker_main(int(fd), simulator, session_id, log_level)
     if argv[:1] == [CATALOG_ENTRY]:
         return catalog_main(*argv[1:])
+    reuse_freed_memory()
     if zmq is None:
         print(f"sim_server: {sys.executable} has no pyzmq: pip install -r requirements.txt", file=sys.stderr)
         return 2
