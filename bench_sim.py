@@ -333,13 +333,70 @@ def bench_libero_episodes_per_hour() -> list:
              "incl. loading)", f"{episodes * 3600 / elapsed:.0f}/h", "", "", f"cores: {cores}")]
 
 
+def page_viewer(url: str, stop: threading.Event) -> None:
+    """What an open dashboard page asks for: status and thumbnails, once a second."""
+    import urllib.request
+
+    while not stop.wait(1.0):
+        for route in ("api/status", "api/thumbnails"):
+            with urllib.request.urlopen(url + route, timeout=10) as response:
+                response.read()
+
+
+def dashboard_overhead(simulator: str, task: str, action, env: dict, rounds: int, block_s: float) -> tuple:
+    """Median step round trip on a server whose dashboard a page is viewing, against a server
+    without a dashboard: blocks alternate between the two, so both see the same machine load."""
+    port = free_port()
+    plain = ServerProcess(simulator, env=env)
+    watched = ServerProcess(simulator, "--dashboard", str(port), env=env)
+    samples: dict = {"plain": [], "watched": []}
+    try:
+        with sim_client.SimulatorClient(plain.address, timeout_s=120) as a, \
+                sim_client.SimulatorClient(watched.address, timeout_s=120) as b:
+            for sim in (a, b):
+                sim.load_task(task)
+                sim.reset()
+            for _ in range(rounds):
+                for label, sim in (("plain", a), ("watched", b)):
+                    stop = threading.Event()
+                    viewer = threading.Thread(target=page_viewer, args=(f"http://127.0.0.1:{port}/", stop))
+                    if label == "watched":
+                        viewer.start()
+                    deadline = time.monotonic() + block_s
+                    while time.monotonic() < deadline:
+                        started = time.perf_counter()
+                        sim.step(action)
+                        samples[label].append(time.perf_counter() - started)
+                    stop.set()
+                    if viewer.is_alive():
+                        viewer.join()
+    finally:
+        plain.stop()
+        watched.stop()
+    return statistics.median(samples["watched"]), statistics.median(samples["plain"])
+
+
+def bench_dashboard() -> list:
+    env = {"SIM_MOCK_IMAGE_SIZE": "256", "SIM_MOCK_EPISODE_STEPS": "1000000"}
+    watched, plain = dashboard_overhead("mock", "reach_center", np.zeros(7), env, rounds=6, block_s=2.0)
+    return [row("mock step round trip, dashboard page open vs no dashboard", watched, plain, goal="<= 1.10x")]
+
+
+def bench_libero_dashboard() -> list:
+    env = {"SIM_LIBERO_TASK_SUITE": "libero_spatial", "SIM_LIBERO_MAX_EPISODE_STEPS": "100000"}
+    task = libero_suite("libero_spatial").get_task_names()[0]
+    watched, plain = dashboard_overhead("libero", task, np.zeros(7), env, rounds=4, block_s=4.0)
+    return [row("LIBERO step round trip, dashboard page open vs no dashboard", watched, plain, goal="<= 1.02x")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-libero", action="store_true", help="skip the LIBERO figures")
     args = parser.parse_args()
-    rows = bench_codec() + bench_round_trip() + bench_parallel_sessions() + bench_batching()
+    rows = bench_codec() + bench_round_trip() + bench_dashboard() + bench_parallel_sessions() + bench_batching()
     if not args.no_libero:
-        rows += bench_libero() + bench_libero_cameras() + bench_render_threads() + bench_libero_episodes_per_hour()
+        rows += bench_libero() + bench_libero_dashboard() + bench_libero_cameras() + bench_render_threads()
+        rows += bench_libero_episodes_per_hour()
     header = ("measure", "ours", "baseline", "ratio", "goal")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "

@@ -27,6 +27,7 @@ logs; `connection` is the number of the TCP connection a message came on;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import difflib
 import glob
@@ -131,6 +132,8 @@ class Config:
     max_request_bytes: int
     render_threads: Optional[int] = None  # None: share the cores among the running simulators
     egl_devices: Tuple[str, ...] = ()  # EGL device ids given to workers in turn; () leaves MUJOCO_EGL_DEVICE_ID alone
+    dashboard: Optional[Tuple[str, int]] = None  # (host, port) of the dashboard; None: off
+    dashboard_admin: bool = False  # whether the dashboard may end sessions
     curve_secret_key: str = ""  # the server's .key_secret file; empty means CURVE off
     curve_clients: str = ""  # folder of allowed client .key files
     interpreters: Dict[str, str] = field(default_factory=dict)  # simulator -> the Python its workers run under
@@ -150,6 +153,8 @@ SETTINGS = [
      "llvmpipe/OpenMP/BLAS threads per simulator process: auto (the cores shared by the running simulators) or N"),
     ("--egl-devices", "SIM_EGL_DEVICES", "auto", str,
      "EGL devices handed to simulator processes in turn: auto (the visible NVIDIA GPUs), none, or e.g. 0,1"),
+    ("--dashboard", "SIM_DASHBOARD", "", str,
+     "serve the live dashboard on PORT (127.0.0.1) or HOST:PORT; off when empty"),
     ("--curve-secret-key", "SIM_CURVE_SECRET_KEY", "", str, "server's CURVE secret key file: turns on CURVE"),
     ("--curve-clients", "SIM_CURVE_CLIENTS", "", str, "folder of the client public keys CURVE lets in"),
 ]
@@ -184,6 +189,9 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
     parser.add_argument("--python", action="append", default=[], metavar="NAME=INTERPRETER",
                         help="run simulator NAME's workers under INTERPRETER, e.g. another venv's bin/python "
                              "(repeatable; env SIM_PYTHON_<NAME>)")
+    parser.add_argument("--dashboard-admin", action="store_true",
+                        default=os.environ.get("SIM_DASHBOARD_ADMIN", "") not in ("", "0"),
+                        help="let the dashboard end sessions (env SIM_DASHBOARD_ADMIN=1)")
     parser.add_argument("--gen-keys", metavar="DIR", default=None,
                         help="write a server and a client CURVE key pair into DIR, then exit")
     args = parser.parse_args(argv)
@@ -205,6 +213,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         max_request_bytes=args.max_request_bytes,
         render_threads=render_threads_setting(args.render_threads),
         egl_devices=egl_device_setting(args.egl_devices),
+        dashboard=dashboard_address(args.dashboard),
+        dashboard_admin=args.dashboard_admin,
         curve_secret_key=args.curve_secret_key,
         curve_clients=args.curve_clients,
     )
@@ -258,6 +268,16 @@ def egl_device_setting(text: str) -> Tuple[str, ...]:
     if visible is not None:
         return tuple(device.strip() for device in visible.split(",") if device.strip().isdigit())
     return tuple(str(index) for index in range(len(glob.glob("/proc/driver/nvidia/gpus/*"))))
+
+
+def dashboard_address(text: str) -> Optional[Tuple[str, int]]:
+    """"8080" -> ("127.0.0.1", 8080); "0.0.0.0:8080" as written; "" -> None (off)."""
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    if not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise SetupError(f"--dashboard {text!r}: expected PORT or HOST:PORT, e.g. 8080 or 0.0.0.0:8080")
+    return (host.strip("[]") or "127.0.0.1", int(port))
 
 
 def check_port(bind: str) -> None:
@@ -443,9 +463,10 @@ def catalog_snapshot(simulator: str) -> Dict[str, Any]:
     worker_env = {name: value for name, value in os.environ.items() if before.get(name) != value}
     backend = backend_class()
     try:
-        return {"tasks": backend.list_tasks(), "suites": backend.suites(),
-                "unavailable_suites": backend.unavailable_suites(), "info": backend.get_info(),
-                "worker_env": worker_env}
+        with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints a line per suite it opens
+            return {"tasks": backend.list_tasks(), "suites": backend.suites(),
+                    "unavailable_suites": backend.unavailable_suites(), "info": backend.get_info(),
+                    "worker_env": worker_env}
     finally:
         backend.close()
 
@@ -901,6 +922,11 @@ class Session:
     connection: Optional[int] = None  # number of the TCP connection that opened it
     curve_key: Optional[str] = None  # the CURVE public key that opened it
     simulator: Optional[str] = None  # the one it selected (or the only one served)
+    peer: Optional[str] = None  # "host:port" of the TCP connection that opened it
+    episodes: int = 0  # resets answered
+    episode_steps: int = 0  # step requests answered since the last reset
+    last_frame_body: Any = None  # the last reset or step reply, for the dashboard to decode when asked
+    task_info_body: Any = None  # the last load_task reply, likewise
     last_active: float = field(default_factory=time.monotonic)
     worker: Optional[Worker] = None
     current_task: Optional[str] = None
@@ -942,9 +968,9 @@ class SessionTable:
         return self.sessions.get(key)
 
     def open(self, key: bytes, routing_id: bytes, connection: Optional[int], curve_key: Optional[str],
-             simulator: Optional[str]) -> Session:
+             simulator: Optional[str], peer: Optional[str]) -> Session:
         session = Session(session_key=key, routing_id=routing_id, session_id=uuid.uuid4().hex[:12],
-                          connection=connection, curve_key=curve_key, simulator=simulator)
+                          connection=connection, curve_key=curve_key, simulator=simulator, peer=peer)
         self.sessions[key] = session
         log.info("session %s started", session.session_id)
         return session
@@ -1004,6 +1030,16 @@ class SessionTable:
 
 # --- connections -------------------------------------------------------------
 
+def peer_of(fd: int) -> str:
+    """"host:port" of the TCP peer on socket `fd`, or "" when it is not a TCP socket."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as connection:
+            host, port = connection.getpeername()[:2]
+    except (OSError, ValueError):
+        return ""
+    return f"{host}:{port}"
+
+
 class ConnectionTracker:
     """Which TCP connection each message came on, from the ROUTER's monitor events.
 
@@ -1016,6 +1052,7 @@ class ConnectionTracker:
         self.monitor = frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         poller.register(self.monitor, zmq.POLLIN)
         self.numbers: Dict[int, int] = {}  # fd -> connection number
+        self.peers: Dict[int, str] = {}  # connection number -> "host:port"
         self.next_number = itertools.count(1)
 
     def read_events(self) -> List[int]:
@@ -1029,8 +1066,10 @@ class ConnectionTracker:
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self.numbers[fd] = next(self.next_number)
+                self.peers[self.numbers[fd]] = peer_of(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED and fd in self.numbers:
                 closed.append(self.numbers.pop(fd))
+                self.peers.pop(closed[-1], None)
 
     def connection_of(self, frame: zmq.Frame) -> Optional[int]:
         """The number of the connection a frame came on (call read_events first)."""
@@ -1202,7 +1241,15 @@ class WorkerRouter:
             return
         if pending.method == "load_task" and pending.task_name is not None and reply_status(body) == "ok":
             session.current_task = pending.task_name
+            session.task_info_body = body
             log.info("session %s: loaded %s", session.session_id, pending.task_name)
+        elif pending.method in ("reset", "step"):
+            session.last_frame_body = body
+            if pending.method == "step":
+                session.episode_steps += 1
+            elif reply_status(body) == "ok":
+                session.episodes += 1
+                session.episode_steps = 0
         session.last_reply = (pending.request_id, body) if pending.request_id is not None else None
         session.last_active = time.monotonic()
         self.reply(pending.envelope, body)
@@ -1259,6 +1306,27 @@ class SimulatorServer:
         self.connections = ConnectionTracker(self.frontend, self.poller)
         self.sessions = SessionTable(self.poller)
         self.router = WorkerRouter(config, catalogs, self.sessions, self.reply)
+        self.requests_seen = 0
+        self.requests_per_s = 0.0  # over the last second, for the dashboard
+        self.dashboard = None
+        if config.dashboard is not None:
+            self.dashboard = self._start_dashboard()
+
+    def _start_dashboard(self):
+        import sim_dashboard  # only when asked for: nothing of it runs otherwise
+
+        host, port = self.config.dashboard
+        try:
+            dashboard = sim_dashboard.Dashboard(host, port, self, lambda body: decode(body, 2**31),
+                                                self.config.dashboard_admin)
+        except OSError as error:
+            self.shutdown()
+            raise SetupError(f"cannot serve the dashboard on {host}:{port}: {error.strerror or error}") from None
+        if not is_loopback(f"tcp://{host}:{port}"):
+            log.warning("the dashboard listens on %s:%d, beyond loopback: anyone who can reach it sees every "
+                        "session%s", host, port, " and can end them" if self.config.dashboard_admin else "")
+        log.info("dashboard on %s", dashboard.url)
+        return dashboard
 
     def _bind_frontend(self) -> zmq.Socket:
         frontend = self.context.socket(zmq.ROUTER)
@@ -1288,6 +1356,7 @@ class SimulatorServer:
         log.info("serving %s on %s (max %d simulator sessions)", ", ".join(self.catalogs), self.endpoint,
                  self.config.max_sessions)
         next_reap = time.monotonic()
+        counted = 0  # requests_seen at the last once-a-second tick
         while not self.stopping:
             ready = dict(self.poller.poll(self._poll_timeout_ms()))
             if ready.get(self.connections.monitor):
@@ -1299,11 +1368,21 @@ class SimulatorServer:
                 if session is not None:
                     self.router.forward_reply(session)
             self.router.expire_overdue_requests()
+            if self.dashboard is not None:
+                self._end_sessions_from_dashboard()
             if time.monotonic() >= next_reap:
                 self.sessions.reap_idle(self.config.session_timeout_s)
                 self.sessions.finish_closing()
+                self.requests_per_s, counted = self.requests_seen - counted, self.requests_seen
                 next_reap = time.monotonic() + 1.0
         self.shutdown()
+
+    def _end_sessions_from_dashboard(self) -> None:
+        while not self.dashboard.end_requests.empty():
+            session_id = self.dashboard.end_requests.get_nowait()
+            for session in self.sessions:
+                if session.session_id == session_id:
+                    self.sessions.end(session, "ended from the dashboard")
 
     def _poll_timeout_ms(self) -> int:
         timeout = POLL_INTERVAL_S
@@ -1335,6 +1414,7 @@ class SimulatorServer:
                       curve_key: Optional[str] = None) -> None:
         """Split the ZMQ envelope from the body and answer the request, in every frame shape."""
         routing_id = frames[0]
+        self.requests_seen += 1
         if len(frames) == 2:  # DEALER that sends no empty delimiter
             envelope, body = [routing_id], frames[1]
         elif len(frames) == 3 and frames[1] == b"":  # REQ, or DEALER with a delimiter
@@ -1367,7 +1447,8 @@ class SimulatorServer:
         session = self.sessions.get(key)
         if session is None:
             only = next(iter(self.catalogs)) if len(self.catalogs) == 1 else None
-            return self.sessions.open(key, routing_id, connection, curve_key, only)
+            return self.sessions.open(key, routing_id, connection, curve_key, only,
+                                      self.connections.peers.get(connection))
         if session.curve_key != curve_key:
             log.warning("session %s: refused a request from another CURVE key", session.session_id)
             raise InvalidParams("this session was opened by another client key")
@@ -1446,6 +1527,8 @@ class SimulatorServer:
     def shutdown(self) -> None:
         """Close every simulator (killing those that will not close), then the sockets."""
         log.info("shutting down %d sessions", len(self.sessions))
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.sessions.close_all()
         self.connections.close()
         self.frontend.close(linger=0)

@@ -1251,6 +1251,114 @@ def test_html_report_opens_from_disk_in_chromium_with_a_row_per_episode_and_bars
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (900, 1200) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
+# --- the live dashboard ---------------------------------------------------------
+
+def http_get(url: str) -> tuple:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def step_count_in(dom: str) -> int:
+    import re
+
+    return int(re.search(r'<td class="step">(\d+)</td>', dom).group(1))
+
+
+@pytest.fixture
+def dashboard_server():
+    port = free_port()
+    with running_server("mock", "--dashboard", str(port), "--session-timeout", "2",
+                        env={"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_EPISODE_STEPS": "100000"}) as server:
+        server.dashboard = f"http://127.0.0.1:{port}/"
+        yield server
+
+
+def test_dashboard_in_chromium_shows_the_task_growing_steps_and_a_camera_and_survives_a_reap(
+        tmp_path, dashboard_server):
+    from PIL import Image
+
+    stop = threading.Event()
+
+    def step_until_stopped():
+        with sim_client.SimulatorClient(dashboard_server.address, timeout_s=30) as sim:
+            sim.load_task("reach_corner")
+            sim.reset()
+            while not stop.is_set():
+                sim.step(np.zeros(7))
+                time.sleep(0.01)
+
+    stepper = threading.Thread(target=step_until_stopped)
+    stepper.start()
+    try:
+        assert wait_until(lambda: b'"step": ' in http_get(dashboard_server.dashboard + "api/status")[1])
+        doms = [chromium("--dump-dom", "--virtual-time-budget=3000", dashboard_server.dashboard).stdout
+                for _ in range(2)]
+        screenshot = tmp_path / "dashboard.png"
+        chromium(f"--screenshot={screenshot}", "--window-size=1200,700", "--virtual-time-budget=3000",
+                 dashboard_server.dashboard)
+    finally:
+        stop.set()
+        stepper.join()
+    for dom in doms:
+        assert '<td class="task">reach_corner</td>' in dom and 'class="thumb"' in dom
+        assert 'src="data:image/png;base64,' in dom and "mock" in dom
+    assert step_count_in(doms[1]) > step_count_in(doms[0])
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not blank
+    assert wait_until(lambda: json.loads(http_get(dashboard_server.dashboard + "api/status")[1])["sessions"] == [])
+    dom = chromium("--dump-dom", "--virtual-time-budget=3000", dashboard_server.dashboard).stdout
+    assert "no sessions" in dom and "sessions in use / max" in dom and '<p class="muted" id="updated">updated ' in dom
+
+
+def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_admin(dashboard_server):
+    import socket
+
+    status = json.loads(http_get(dashboard_server.dashboard + "api/status")[1])
+    assert status["server"]["curve"] is False and status["server"]["admin"] is False
+    assert "key" not in json.dumps(status).lower()  # nothing secret on the page
+    client = dashboard_server.client()
+    client.request("load_task", task_name="reach_center")
+    session_id = client.request("get_info")["session_id"]
+    code, body = http_get(dashboard_server.dashboard + f"api/end?session={session_id}")
+    assert code == 403 and b"--dashboard-admin" in body
+    assert http_get(dashboard_server.dashboard + "nothing")[0] == 404
+    with socket.create_connection(("127.0.0.1", int(dashboard_server.dashboard.rsplit(":", 1)[1].strip("/")))) as raw:
+        raw.sendall(b"POST /api/status HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.0 501")
+    silent = [socket.create_connection(("127.0.0.1", int(dashboard_server.dashboard.rsplit(":", 1)[1].strip("/"))))
+              for _ in range(12)]  # slow clients that never send: they hold HTTP threads, not the loop
+    try:
+        assert client.request("reset")["status"] == "ok"
+        assert client.request("step", action=[0.0] * 7)["status"] == "ok"
+        assert client.request("get_info")["session_id"] == session_id
+    finally:
+        for connection in silent:
+            connection.close()
+
+
+def test_dashboard_admin_ends_a_session(tmp_path):
+    port = free_port()
+    with running_server("mock", "--dashboard", str(port), "--dashboard-admin") as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        info = client.request("get_info")
+        code, _ = http_get(f"http://127.0.0.1:{port}/api/end?session={info['session_id']}")
+        assert code == 200
+        assert wait_until(lambda: not pid_alive(info["sim_pid"]))
+        assert client.request("get_info")["session_id"] != info["session_id"]  # a new session
+
+
+@pytest.mark.parametrize("value, message", [("http", "expected PORT or HOST:PORT"), ("1.2.3.4:99999", "PORT")])
+def test_bad_dashboard_address_exits_with_one_line(value, message):
+    result = run_server_cli("--simulator", "mock", "--dashboard", value)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
 
 # --- sim_gym.py: gymnasium environments over sessions -------------------------
 
