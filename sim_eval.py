@@ -28,6 +28,7 @@ import json
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -61,8 +62,11 @@ TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "f
                    "image_size", "simulator_stack", "renderer")
 # A session told server_busy waits this long before its episode is tried again.
 BUSY_BACKOFF_S = 1.0
+# How long a run whose servers are all down waits for Ray to restart one (--ray).
+RESTART_WAIT_S = 300.0
 # How long a server may take to answer its first ping before the run stops with a clear line.
 PREFLIGHT_TIMEOUT_S = 10.0
+LOCAL_RAY = "local"  # --ray without an address
 # openpi's LIBERO loop: replan every 5 actions, 224x224 images.
 DEFAULT_REPLAN_STEPS = 5
 OPENPI_IMAGE_SIZE = 224
@@ -420,8 +424,12 @@ class Evaluation:
     def __init__(self, addresses: List[str], policy: Policy, tasks: List[str], episodes: int, parallel: int = 1,
                  results_path: Optional[str] = None, load_options: Optional[Dict[str, Any]] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, videos: Optional[VideoWriter] = None,
-                 keep_thumbnails: bool = False, force: bool = False, **client_options: Optional[str]) -> None:
+                 keep_thumbnails: bool = False, force: bool = False,
+                 address_source: Optional[Callable[[], List[str]]] = None, **client_options: Optional[str]) -> None:
+        """`address_source`, when given, is asked for the servers' addresses as the run goes (servers
+        that Ray restarts come back on new ones); `addresses` are the first answer."""
         self.addresses, self.policy, self.tasks = list(addresses), policy, list(tasks)
+        self.address_source = address_source
         self.parallel, self.results_path = max(1, parallel), results_path
         self.videos = videos
         self.keep_thumbnails = keep_thumbnails
@@ -475,9 +483,20 @@ class Evaluation:
         with self.lock:
             return self.jobs.pop(0) if self.jobs else None
 
-    def _address_for(self, slot: int) -> Optional[str]:
+    def _live_addresses(self) -> List[str]:
+        if self.address_source is not None:
+            addresses = self.address_source()
+            with self.lock:
+                self.addresses = addresses
         with self.lock:
-            live = [a for a in self.addresses if a not in self.dead_addresses]
+            return [a for a in self.addresses if a not in self.dead_addresses]
+
+    def _address_for(self, slot: int) -> Optional[str]:
+        live = self._live_addresses()
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while not live and self.address_source is not None and time.monotonic() < deadline:
+            time.sleep(1.0)  # a restarting server comes back on a new address
+            live = self._live_addresses()
         return live[slot % len(live)] if live else None
 
     def _work(self, slot: int) -> None:
@@ -534,9 +553,10 @@ class Evaluation:
 
     def _give_back(self, job: Job, why: str) -> None:
         job.attempts += 1
+        live = self._live_addresses() or self.address_source is not None  # a fleet's servers come back
         with self.lock:
             self.retried.append({"task": job.task, "init_state_index": job.index, "why": why[:200]})
-            retry = job.attempts < MAX_ATTEMPTS and len(self.dead_addresses) < len(self.addresses)
+            retry = job.attempts < MAX_ATTEMPTS and bool(live)
             if retry:
                 self.jobs.append(job)
         if not retry:
@@ -934,6 +954,19 @@ def parser() -> argparse.ArgumentParser:
                         help="simulator to select on a server that serves several (see list_simulators)")
     parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
     parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
+    ray_flags = parser.add_argument_group("servers started by Ray (pip install -r requirements-ray.txt)")
+    ray_flags.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
+                           help="start the servers as Ray actors on this cluster (auto, HOST:PORT of the head, "
+                                "or nothing: a local Ray on loopback); replaces --address")
+    ray_flags.add_argument("--servers", type=int, default=1, help="simulator servers to start")
+    ray_flags.add_argument("--server-cpus", type=float, default=1.0, help="Ray CPUs each server takes")
+    ray_flags.add_argument("--server-gpus", type=float, default=0.0,
+                           help="Ray GPUs each server takes (its EGL device is the one Ray gives it)")
+    ray_flags.add_argument("--server-args", default="", help='sim_server.py flags, e.g. "--simulator libero"')
+    ray_flags.add_argument("--server-restarts", type=int, default=5, help="times Ray restarts a dead server")
+    ray_flags.add_argument("--serve-only", action="store_true",
+                           help="start the servers, print their addresses and keep them up until interrupted")
+    ray_flags.add_argument("--addresses-file", default=None, help="write the servers' addresses here, one a line")
     return parser
 
 
@@ -950,10 +983,57 @@ def parse_load_options(options: List[str]) -> Dict[str, Any]:
     return parsed
 
 
-def run(args: argparse.Namespace) -> int:
+def run_with_ray(args: argparse.Namespace) -> int:
+    """--ray: start the servers as Ray actors, run (or only serve) on them, then stop them all."""
+    try:
+        import sim_ray
+    except ImportError:
+        raise EvalSetupError("--ray needs Ray: pip install -r requirements-ray.txt") from None
+    if args.servers < 1:
+        raise EvalSetupError("--servers must be at least 1")
+    started_ray = sim_ray.connect(None if args.ray == LOCAL_RAY else args.ray)
+    fleet = None
+    try:
+        fleet = sim_ray.ServerFleet(args.servers, args.server_cpus, args.server_gpus, args.server_args,
+                                    args.server_restarts)
+        write_addresses(args.addresses_file, fleet.addresses)
+        if args.serve_only:
+            return serve_until_interrupted(fleet, args.addresses_file)
+        return run(args, fleet.addresses, lambda: fleet.addresses)
+    finally:
+        if fleet is not None:
+            print(f"stopping {args.servers} server(s); Ray restarted {fleet.restarts}", file=sys.stderr)
+            fleet.stop()
+        if started_ray:
+            sim_ray.ray.shutdown()
+
+
+def write_addresses(path: Optional[str], addresses: List[str]) -> None:
+    if path:
+        with open(path, "w") as addresses_file:
+            addresses_file.write("".join(f"{address}\n" for address in addresses))
+
+
+def serve_until_interrupted(fleet, addresses_file: Optional[str]) -> int:
+    """Print the addresses (again whenever Ray restarts a server) until Ctrl-C or SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    shown: List[str] = []
+    try:
+        while True:
+            if fleet.addresses != shown:
+                shown = fleet.addresses
+                write_addresses(addresses_file, shown)
+                print("serving: " + " ".join(shown), flush=True)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+def run(args: argparse.Namespace, addresses: Optional[List[str]] = None,
+        address_source: Optional[Callable[[], List[str]]] = None) -> int:
     """Check the set-up, run, print the table, save what was asked; 0 when every episode ran."""
     client_options = {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
-    addresses = args.address or [DEFAULT_ADDRESS]
+    addresses = addresses or args.address or [DEFAULT_ADDRESS]
     load_options = parse_load_options(args.load_option)
     if args.batch_size < 1 or args.parallel < 1 or args.episodes < 1:
         raise EvalSetupError("--batch-size, --parallel and --episodes must be at least 1")
@@ -964,7 +1044,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     evaluation = Evaluation(addresses, policy, tasks, args.episodes, args.parallel, args.results, load_options,
                             args.timeout, videos=videos, keep_thumbnails=bool(args.report), force=args.force,
-                            **client_options)
+                            address_source=address_source, **client_options)
     try:
         results = evaluation.run()
     finally:
@@ -987,7 +1067,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return run(args)
+        return run_with_ray(args) if args.ray is not None else run(args)
     except EvalSetupError as error:
         print(f"sim_eval: {error}", file=sys.stderr)
         return 2

@@ -606,11 +606,11 @@ def reuse_freed_memory() -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the server dies, so no simulator outlives it."""
+def _die_with_parent(how: signal.Signals = signal.SIGKILL) -> None:
+    """Ask Linux to send `how` to this process when its parent dies, so nothing outlives it."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, how)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the pipe's EOF below still ends an idle worker
 
@@ -1548,6 +1548,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == [CATALOG_ENTRY]:
         return catalog_main(*argv[1:])
     reuse_freed_memory()
+    parent = os.environ.get("SIM_EXIT_WITH_PARENT")  # set by sim_ray.py's actors: a server dies with its actor
+    if parent:
+        _die_with_parent(signal.SIGTERM)
+        if str(os.getppid()) != parent:
+            return 0  # the parent is already gone
     if zmq is None:
         print(f"sim_server: {sys.executable} has no pyzmq: pip install -r requirements.txt", file=sys.stderr)
         return 2
