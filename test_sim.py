@@ -1697,6 +1697,18 @@ def test_a_simulator_runs_under_its_own_interpreter_beside_one_under_the_servers
     assert gymnasium.__version__ != "0.29.1"  # so the versions above came from the other venv
 
 
+def test_a_simulator_runs_under_the_oldest_python_the_client_claims():
+    """CI points SIM_TEST_CLIENT_PYTHON at a Python 3.8 venv with numpy and msgpack (and no simulator)."""
+    python = os.environ.get("SIM_TEST_CLIENT_PYTHON", sys.executable)
+    with running_server("mock", "--python", f"mock={python}") as server:
+        client = server.client()
+        task_info = client.request("load_task", task_name="reach_center")["task_info"]
+        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True).stdout.strip()
+        assert task_info["simulator_stack"]["python"] == version
+        assert client.request("reset")["status"] == "ok" and client.request("step", action=[0.0] * 7)["status"] == "ok"
+
+
 def failing_interpreter(tmp_path, when: str) -> str:
     """A wrapper around this Python that fails, with a message on stderr, when it is run `when`."""
     script = tmp_path / f"python-failing-{when}"
