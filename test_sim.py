@@ -1394,6 +1394,7 @@ def run_ray_eval(ray_head: str, tmp_path, *args: str) -> subprocess.Popen:
                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_ray_servers_share_the_episodes_and_stop_with_the_run(ray_head, tmp_path):
     run = run_ray_eval(ray_head, tmp_path, "--episodes", "4", "--parallel", "2")
     _, stderr = run.communicate(timeout=300)
@@ -1405,6 +1406,7 @@ def test_ray_servers_share_the_episodes_and_stop_with_the_run(ray_head, tmp_path
     assert wait_until(lambda: not servers_bound_to(addresses), 30)
 
 
+@pytest.mark.slow
 def test_ray_restarts_a_killed_server_and_every_episode_finishes(ray_head, tmp_path):
     run = run_ray_eval(ray_head, tmp_path, "--episodes", "8", "--parallel", "2")
     results = tmp_path / "results.json"
@@ -1424,6 +1426,7 @@ def test_ray_restarts_a_killed_server_and_every_episode_finishes(ray_head, tmp_p
     assert wait_until(lambda: not servers_bound_to(addresses | set(first)), 30)
 
 
+@pytest.mark.slow
 def test_ray_serve_only_keeps_servers_up_until_interrupted(ray_head, tmp_path):
     env = {**os.environ, **LOOPBACK_RAY}
     serving = subprocess.Popen([sys.executable, "sim_eval.py", "--ray", ray_head, "--servers", "1", "--serve-only",
@@ -1698,9 +1701,10 @@ def test_a_simulator_runs_under_its_own_interpreter_beside_one_under_the_servers
 
 
 def test_a_simulator_runs_under_the_oldest_python_the_client_claims():
-    """CI points SIM_TEST_CLIENT_PYTHON at a Python 3.8 venv with numpy and msgpack (and no simulator)."""
+    """CI points SIM_TEST_CLIENT_PYTHON at a Python 3.8 venv with numpy and msgpack (and no simulator);
+    the interpreter comes from SIM_PYTHON_MOCK here, the variable beside --python."""
     python = os.environ.get("SIM_TEST_CLIENT_PYTHON", sys.executable)
-    with running_server("mock", "--python", f"mock={python}") as server:
+    with running_server("mock", env={"SIM_PYTHON_MOCK": python}) as server:
         client = server.client()
         task_info = client.request("load_task", task_name="reach_center")["task_info"]
         version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
