@@ -114,6 +114,15 @@ def bench_round_trip() -> list:
     ]
 
 
+def run_on_threads(function, count: int) -> None:
+    """function(0) ... function(count - 1) at once, one thread each; returns when all are done."""
+    threads = [threading.Thread(target=function, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def steps_per_second(address: str, clients: int, seconds: float) -> float:
     counts = [0] * clients
 
@@ -128,11 +137,7 @@ def steps_per_second(address: str, clients: int, seconds: float) -> float:
                 if result["truncated"] or result["terminated"]:
                     sim.reset()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_on_threads(run, clients)
     return sum(counts) / seconds
 
 
@@ -273,11 +278,7 @@ def libero_steps_per_second(address: str, sessions: int, seconds: float, **load_
                 sim.step(rng.uniform(-0.2, 0.2, 7))
                 counts[index] += 1
 
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(sessions)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_on_threads(run, sessions)
     return sum(counts) / seconds
 
 
