@@ -506,7 +506,7 @@ class Catalog:
         self._check_usable()
         if task_name in self.known:
             return
-        suite, _, name = task_name.rpartition("/")
+        suite = task_name.rpartition("/")[0]
         if suite and suite not in self.suites:
             raise TaskNotFound(self._no_suite(suite))
         choices = self.suites.get(suite, self.tasks)
@@ -520,11 +520,6 @@ class Catalog:
             return f"the {self.simulator} simulator has no task suites; call list_tasks without 'suite'"
         close = difflib.get_close_matches(suite, list(self.suites), n=5)
         return f"no {self.simulator} suite {suite!r}; close matches: {close or list(self.suites)[:5]}"
-
-
-def frame_header(size: int) -> bytes:
-    """multiprocessing.connection's length prefix, so a worker reads requests with Connection."""
-    return struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
 
 
 def stderr_tail(text: str) -> str:
@@ -759,6 +754,11 @@ def simulator_worker_main(fd: int, simulator: str, session_id: str, log_level: s
 
 
 # --- worker handles: the server's side of a worker process -------------------
+
+def frame_header(size: int) -> bytes:
+    """multiprocessing.connection's length prefix, so a worker reads requests with Connection."""
+    return struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+
 
 class StderrRelay:
     """Copies a worker's stderr to the server's, line by line, keeping the last lines so that a
