@@ -985,6 +985,8 @@ def parse_load_options(options: List[str]) -> Dict[str, Any]:
 
 def run_with_ray(args: argparse.Namespace) -> int:
     """--ray: start the servers as Ray actors, run (or only serve) on them, then stop them all."""
+    if args.ray == LOCAL_RAY:  # Ray's single-machine switch keeps a local instance on 127.0.0.1; read at import
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import sim_ray
     except ImportError:

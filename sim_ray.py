@@ -110,11 +110,11 @@ class SimServerActor:
 def connect(address: Optional[str]) -> bool:
     """ray.init for `--ray [ADDRESS]`; True when this call started a local Ray (stopped at the end).
 
-    Without an address, the local instance keeps to loopback: a single machine needs no other.
+    Without an address a local instance starts; it keeps to 127.0.0.1 when the process set
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing Ray, as sim_eval.py does.
     """
     if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for "127.0.0.1 only"
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never an existing one
         return True
     ray.init(address=address, log_to_driver=False)
     return False

@@ -1445,6 +1445,19 @@ def test_ray_serve_only_keeps_servers_up_until_interrupted(ray_head, tmp_path):
     assert wait_until(lambda: not servers_bound_to([address]), 30)
 
 
+@pytest.mark.slow
+def test_ray_without_an_address_starts_a_local_ray_on_loopback_and_stops_it(tmp_path):
+    results = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "sim_eval.py", "--ray", "--servers", "1", "--server-args",
+                             "--simulator mock", "--tasks", "reach_center", "--episodes", "2", "--results",
+                             str(results)], cwd=HERE, env={**os.environ, **MOCK_EVAL_ENV}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    addresses = {episode["address"] for episode in json.loads(results.read_text())["episodes"]}
+    assert len(addresses) == 1 and next(iter(addresses)).startswith("tcp://127.0.0.1:")
+    assert wait_until(lambda: not servers_bound_to(addresses), 30)
+
+
 def test_sim_eval_without_ray_installed_says_how_to_get_it(tmp_path):
     code = ("import sys; sys.modules['ray'] = None\nimport sim_eval\n"
             "sys.exit(sim_eval.main(['--ray', '--servers', '1']))")
