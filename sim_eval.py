@@ -985,23 +985,28 @@ def parse_load_options(options: List[str]) -> Dict[str, Any]:
 
 def run_with_ray(args: argparse.Namespace) -> int:
     """--ray: start the servers as Ray actors, run (or only serve) on them, then stop them all."""
-    if args.ray == LOCAL_RAY:  # Ray's single-machine switch keeps a local instance on 127.0.0.1; read at import
+    if args.servers < 1 or args.server_cpus <= 0 or args.server_gpus < 0 or args.server_restarts < 0:
+        raise EvalSetupError("--servers must be at least 1, --server-cpus above 0, --server-gpus and "
+                             "--server-restarts at least 0")
+    if args.ray == LOCAL_RAY or args.ray.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        # Ray's single-machine switch, read when Ray is imported: without it Ray swaps 127.0.0.1 for
+        # this machine's network address, where a loopback head does not listen.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import sim_ray
     except ImportError:
         raise EvalSetupError("--ray needs Ray: pip install -r requirements-ray.txt") from None
-    if args.servers < 1:
-        raise EvalSetupError("--servers must be at least 1")
-    started_ray = sim_ray.connect(None if args.ray == LOCAL_RAY else args.ray)
-    fleet = None
+    fleet, started_ray = None, False
     try:
+        started_ray = sim_ray.connect(None if args.ray == LOCAL_RAY else args.ray)
         fleet = sim_ray.ServerFleet(args.servers, args.server_cpus, args.server_gpus, args.server_args,
                                     args.server_restarts)
         write_addresses(args.addresses_file, fleet.addresses)
         if args.serve_only:
             return serve_until_interrupted(fleet, args.addresses_file)
-        return run(args, fleet.addresses, lambda: fleet.addresses)
+        return run(args, address_source=lambda: fleet.addresses)
+    except sim_ray.FleetError as error:
+        raise EvalSetupError(str(error)) from None
     finally:
         if fleet is not None:
             print(f"stopping {args.servers} server(s); Ray restarted {fleet.restarts}", file=sys.stderr)
@@ -1031,11 +1036,11 @@ def serve_until_interrupted(fleet, addresses_file: Optional[str]) -> int:
         return 0
 
 
-def run(args: argparse.Namespace, addresses: Optional[List[str]] = None,
-        address_source: Optional[Callable[[], List[str]]] = None) -> int:
-    """Check the set-up, run, print the table, save what was asked; 0 when every episode ran."""
+def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str]]] = None) -> int:
+    """Check the set-up, run, print the table, save what was asked; 0 when every episode ran.
+    `address_source` (--ray) gives the servers' addresses as they change; else --address does."""
     client_options = {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
-    addresses = addresses or args.address or [DEFAULT_ADDRESS]
+    addresses = address_source() if address_source is not None else args.address or [DEFAULT_ADDRESS]
     load_options = parse_load_options(args.load_option)
     if args.batch_size < 1 or args.parallel < 1 or args.episodes < 1:
         raise EvalSetupError("--batch-size, --parallel and --episodes must be at least 1")

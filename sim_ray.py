@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import ray
 
 import sim_client
+from sim_server import StderrRelay
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_START_TIMEOUT_S = 300.0  # a LIBERO server imports and probes its renderer first
@@ -37,6 +38,10 @@ ADDRESS_REFRESH_S = 1.0
 PASSED_ENVIRONMENT_PREFIXES = ("SIM_", "MUJOCO_", "PYOPENGL_", "LP_NUM_THREADS")
 
 log = logging.getLogger("sim_ray")
+
+
+class FleetError(Exception):
+    """The servers could not be started; the message says why in one line."""
 
 
 def passed_environment() -> Dict[str, str]:
@@ -66,8 +71,9 @@ class SimServerActor:
         self.address = f"tcp://{host}:{free_port(host)}"
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "sim_server.py"), "--bind", self.address, *server_args],
-            cwd=HERE, stdin=subprocess.DEVNULL,
+            cwd=HERE, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env={**os.environ, **env, "SIM_EXIT_WITH_PARENT": str(os.getpid())})
+        self.stderr = StderrRelay(self.process.stderr)  # to Ray's worker log, and why a start failed
         self.stopping = False
         self._wait_until_serving()
         threading.Thread(target=self._exit_with_server, daemon=True).start()
@@ -76,7 +82,9 @@ class SimServerActor:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"sim_server.py exited with code {self.process.returncode} while starting")
+                last_line = (self.stderr.tail().splitlines() or ["(no output)"])[-1]
+                raise RuntimeError(f"sim_server.py exited with code {self.process.returncode} while starting: "
+                                   f"{last_line}")
             probe = sim_client.SimulatorClient(self.address, timeout_s=2.0, retries=0,
                                                first_contact_timeout_s=2.0)
             try:
@@ -116,8 +124,22 @@ def connect(address: Optional[str]) -> bool:
     if address is None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never an existing one
         return True
+    if address != "auto":
+        check_reachable(address)
     ray.init(address=address, log_to_driver=False)
     return False
+
+
+def check_reachable(address: str) -> None:
+    """FleetError unless something listens at HOST:PORT (ray.init would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise FleetError(f"--ray {address!r}: expected auto or the head's HOST:PORT, e.g. 10.0.0.1:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise FleetError(f"nothing answers at {address} ({error.strerror or error}): is the Ray head running "
+                         "there (ray start --head --port PORT)?") from None
 
 
 class ServerFleet:
@@ -127,7 +149,12 @@ class ServerFleet:
         actor_class = ray.remote(SimServerActor).options(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
                                                          max_task_retries=-1)
         self.actors = [actor_class.remote(shlex.split(server_args), passed_environment()) for _ in range(count)]
-        self.servers: List[Dict[str, object]] = ray.get([actor.server.remote() for actor in self.actors])
+        try:
+            self.servers: List[Dict[str, object]] = ray.get([actor.server.remote() for actor in self.actors])
+        except ray.exceptions.RayActorError as error:
+            self._kill_actors()
+            why = str(error).strip().splitlines()[-1]  # the creation task's own exception, e.g. RuntimeError: ...
+            raise FleetError(f"a simulator server could not start: {why}") from None
         self.restarts = 0  # servers Ray brought back
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -169,5 +196,9 @@ class ServerFleet:
                 ray.get(actor.stop.remote(), timeout=60)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 pass  # already gone
+        self._kill_actors()
+
+    def _kill_actors(self) -> None:
+        for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

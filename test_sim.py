@@ -1458,6 +1458,25 @@ def test_ray_without_an_address_starts_a_local_ray_on_loopback_and_stops_it(tmp_
     assert wait_until(lambda: not servers_bound_to(addresses), 30)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--ray", "--servers", "1", "--server-cpus", "0"], "--server-cpus above 0"),
+    (["--ray", "127.0.0.1:1", "--servers", "1"], "nothing answers at 127.0.0.1:1"),
+])
+def test_ray_set_up_mistakes_exit_with_one_line(args, message):
+    result = run_eval_cli(*args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ray_server_that_cannot_start_is_one_clear_line_and_leaves_nothing(tmp_path):
+    result = run_eval_cli("--ray", "--servers", "1", "--server-args", "--simulator nope", "--tasks", "x")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2
+    assert last.startswith("sim_eval: a simulator server could not start") and "unknown simulator 'nope'" in last
+    assert not [line for line in subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True,
+                                                text=True).stdout.splitlines() if "--simulator nope" in line]
+
+
 def test_sim_eval_without_ray_installed_says_how_to_get_it(tmp_path):
     code = ("import sys; sys.modules['ray'] = None\nimport sim_eval\n"
             "sys.exit(sim_eval.main(['--ray', '--servers', '1']))")
