@@ -645,6 +645,7 @@ class SessionSimulator:
         self.task_loaded = False
         self.episode_running = False
         self.action_ndims: Dict[str, int] = {}  # from the task's action_spec, to tell a chunk from one action
+        self.provenance: Optional[Dict[str, Any]] = None  # this worker's versions, read at the first load_task
 
     def handle(self, body: bytes) -> bytes:
         """The reply body to one request body (the worker's own decode: it is another process)."""
@@ -684,10 +685,11 @@ class SessionSimulator:
         options.update(fields)
         self.episode_running = False
         task_info = self.backend.load_task(task_name, **options)
-        static = self.backend.get_info()
-        for key in PROVENANCE_KEYS:  # the versions this worker's own interpreter runs
-            if key in static:
-                task_info.setdefault(key, static[key])
+        if self.provenance is None:  # the versions this worker's own interpreter runs
+            static = self.backend.get_info()
+            self.provenance = {key: static[key] for key in PROVENANCE_KEYS if key in static}
+        for key, value in self.provenance.items():
+            task_info.setdefault(key, value)
         self.task_loaded = True
         self.action_ndims = {name: len(spec["shape"]) for name, spec in task_info["action_spec"].items()}
         return task_info
@@ -1241,18 +1243,25 @@ class WorkerRouter:
             return
         if pending.method == "load_task" and pending.task_name is not None and reply_status(body) == "ok":
             session.current_task = pending.task_name
-            session.task_info_body = body
             log.info("session %s: loaded %s", session.session_id, pending.task_name)
-        elif pending.method in ("reset", "step"):
-            session.last_frame_body = body
-            if pending.method == "step":
-                session.episode_steps += 1
-            elif reply_status(body) == "ok":
-                session.episodes += 1
-                session.episode_steps = 0
+        if self.config.dashboard is not None:
+            self._note_for_dashboard(session, pending.method, body)
         session.last_reply = (pending.request_id, body) if pending.request_id is not None else None
         session.last_active = time.monotonic()
         self.reply(pending.envelope, body)
+
+    @staticmethod
+    def _note_for_dashboard(session: Session, method: str, body: bytes) -> None:
+        """Keep what the dashboard decodes when a page asks; only with --dashboard."""
+        if method == "load_task":
+            session.task_info_body = body
+            return
+        session.last_frame_body = body
+        if method == "step":
+            session.episode_steps += 1
+        elif reply_status(body) == "ok":
+            session.episodes += 1
+            session.episode_steps = 0
 
     def _worker_died(self, session: Session) -> None:
         reason = f"simulator process {session.worker.pid} died ({session.worker.death_description()})"

@@ -1780,6 +1780,18 @@ def test_a_missing_or_broken_interpreter_answers_backend_error_with_its_stderr(t
 
 # --- Gymnasium backend -------------------------------------------------------
 
+def remote_observations(server, task: str, seed: int, actions, **load_options) -> list:
+    """The observations of one episode over the wire: reset(seed), then one step per action."""
+    client = server.client()
+    try:
+        client.request("load_task", task_name=task, **load_options)
+        remote = [client.request("reset", seed=seed)["observation"]]
+        return remote + [client.request("step", action=action)["observation"] for action in actions]
+    finally:
+        client.request("disconnect")
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def gymnasium_server():
     with running_server("gymnasium") as server:
@@ -1799,14 +1811,8 @@ def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server):
     import gymnasium
 
     actions = np.random.default_rng(2).uniform(-1, 1, (8, 3)).astype(np.float32)
-    client = gymnasium_server.client()
-    try:
-        client.request("load_task", task_name="Hopper-v5", render=True, render_width=32, render_height=32)
-        remote = [client.request("reset", seed=5)["observation"]]
-        remote += [client.request("step", action=a)["observation"] for a in actions]
-    finally:
-        client.request("disconnect")
-        client.close()
+    remote = remote_observations(gymnasium_server, "Hopper-v5", 5, actions, render=True, render_width=32,
+                                 render_height=32)
     os.environ.setdefault("MUJOCO_GL", "egl")
     env = gymnasium.make("Hopper-v5", render_mode="rgb_array", width=32, height=32)
     observation, _ = env.reset(seed=5)
@@ -1851,14 +1857,7 @@ def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
     import robosuite
 
     actions = np.random.default_rng(4).uniform(-1, 1, (6, 7))
-    client = robosuite_server.client()
-    try:
-        client.request("load_task", task_name="Lift", **ROBOSUITE_OPTIONS)
-        remote = [client.request("reset", seed=4)["observation"]]
-        remote += [client.request("step", action=a)["observation"] for a in actions]
-    finally:
-        client.request("disconnect")
-        client.close()
+    remote = remote_observations(robosuite_server, "Lift", 4, actions, **ROBOSUITE_OPTIONS)
     os.environ.setdefault("MUJOCO_GL", "egl")
     env = robosuite.make("Lift", robots=["Panda"],
                          controller_configs=robosuite.load_controller_config(default_controller="OSC_POSE"),

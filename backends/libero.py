@@ -94,8 +94,7 @@ ORIGINAL_NAMES = {
 }
 OBSERVATION_NAMES = ("libero", "original")
 # The observation keys each camera renders, under either naming.
-CAMERA_KEYS = {"agentview": ("agentview_image",),
-               "robot0_eye_in_hand": ("robot0_eye_in_hand_image", "eye_in_hand_image")}
+CAMERA_KEYS = {camera: {f"{camera}_image", ORIGINAL_NAMES[f"{camera}_image"]} for camera in CAMERAS}
 
 
 # --- task catalog ------------------------------------------------------------
@@ -139,7 +138,7 @@ def _cameras(asked: Any, observation_keys: Optional[List[str]]) -> Tuple[str, ..
     if not (isinstance(asked, list) and all(camera in CAMERAS for camera in asked)):
         raise InvalidParams(f"cameras must be a list drawn from {list(CAMERAS)}")
     if observation_keys is not None:
-        asked = [camera for camera in asked if set(CAMERA_KEYS[camera]) & set(observation_keys)]
+        asked = [camera for camera in asked if CAMERA_KEYS[camera] & set(observation_keys)]
     return tuple(camera for camera in CAMERAS if camera in asked)
 
 

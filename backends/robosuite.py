@@ -123,8 +123,9 @@ class RobosuiteBackend(SimulatorBackend):
         return list(self._names)
 
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
-        if task_name not in self.list_tasks():
-            raise TaskNotFound(f"no robosuite environment {task_name!r}; environments: {', '.join(self.list_tasks())}")
+        names = self.list_tasks()
+        if task_name not in names:
+            raise TaskNotFound(f"no robosuite environment {task_name!r}; environments: {', '.join(names)}")
         settings = load_settings(task_name, options)
         self.close()
         try:
