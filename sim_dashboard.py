@@ -80,6 +80,11 @@ def thumbnail(image: np.ndarray, upside_down: bool) -> np.ndarray:
     return small[::-1, ::-1] if upside_down else small
 
 
+def renderer_name(renderer: Dict[str, str]) -> Optional[str]:
+    """GL_RENDERER when it was read, else the MUJOCO_GL backend."""
+    return renderer.get("GL_RENDERER") or renderer.get("MUJOCO_GL")
+
+
 def process_rss_mb(pid: Optional[int]) -> Optional[float]:
     if pid is None:
         return None
@@ -170,8 +175,7 @@ class DashboardState:
         return {
             "simulators": {name: {"backend_version": catalog.info.get("backend_version"),
                                   "simulator_stack": catalog.info.get("simulator_stack"),
-                                  "renderer": (catalog.info.get("renderer") or {}).get("GL_RENDERER")
-                                  or (catalog.info.get("renderer") or {}).get("MUJOCO_GL"),
+                                  "renderer": renderer_name(catalog.info.get("renderer") or {}),
                                   "problem": catalog.problem}
                            for name, catalog in server.catalogs.items()},
             "uptime_s": round(time.monotonic() - server.started, 1),
@@ -188,10 +192,12 @@ class DashboardState:
         view = self._view(session)
         view.refresh(session, self.decode)
         pid = session.worker.pid if session.worker is not None else None
+        step = view.summary.get("step")  # the simulator's own count when it reports one
         return {
             "session_id": session.session_id, "peer": session.peer, "simulator": session.simulator,
-            "task": session.current_task, "episode": session.episodes, **view.summary,
-            "step": view.summary.get("step") if view.summary.get("step") is not None else session.episode_steps,
+            "task": session.current_task, "episode": session.episodes,
+            "step": session.episode_steps if step is None else step,
+            "reward": view.summary.get("reward"), "success": view.summary.get("success"),
             "busy": session.pending.method if session.pending is not None else None,
             "idle_s": round(time.monotonic() - session.last_active, 1),
             "worker_pid": pid, "worker_rss_mb": process_rss_mb(pid), "crash": session.crash,
