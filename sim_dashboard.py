@@ -253,10 +253,12 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def parse_request(self) -> bool:
+        if not super().parse_request():  # http.server's own limits: 64 KiB a line, 100 headers
+            return False
         if len(self.raw_requestline) > MAX_REQUEST_LINE:
             self.send_error(414)
             return False
-        return super().parse_request()
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
         pass  # page polls would drown the server's log

@@ -1326,6 +1326,9 @@ def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_a
     client = dashboard_server.client()
     client.request("load_task", task_name="reach_center")
     session_id = client.request("get_info")["session_id"]
+    row = json.loads(http_get(dashboard_server.dashboard + "api/status")[1])["sessions"][0]
+    assert row["session_id"] == session_id and row["peer"].startswith("127.0.0.1:") and row["worker_pid"] > 0
+    assert http_get(dashboard_server.dashboard + "x" * 3000)[0] == 414  # request line too long
     code, body = http_get(dashboard_server.dashboard + f"api/end?session={session_id}")
     assert code == 403 and b"--dashboard-admin" in body
     assert http_get(dashboard_server.dashboard + "nothing")[0] == 404
@@ -1661,6 +1664,8 @@ def test_client_selects_its_simulator_and_again_on_a_new_session(two_simulator_s
     (["--simulator", "mock,bullet"], "unknown simulator 'bullet'"),
     (["--simulator", "mock", "--python", "mock"], "expected NAME=INTERPRETER"),
     (["--simulator", "mock", "--python", "libero=/usr/bin/python3"], "not among the served simulators"),
+    (["--simulator", "mock", "--render-threads", "0"], "expected auto or a positive number"),
+    (["--simulator", "mock", "--egl-devices", "gpu0"], "expected auto, none or device numbers"),
 ])
 def test_bad_simulator_lists_and_interpreters_exit_with_one_line(args, message):
     result = run_server_cli(*args)
