@@ -101,8 +101,11 @@ class SimulatorBackend(abc.ABC):
 
     Lifecycle: construct (cheap, imports nothing heavy) -> load_task -> reset ->
     step ... -> reset -> step ... -> close. The server enforces the order
-    (no_task_loaded, not_reset), so a backend may assume it. Any exception that
-    is not a SimulatorError is reported to the client as backend_error.
+    (no_task_loaded, not_reset); used in-process, reset or step before
+    load_task raise NoTaskLoaded (require_task), never another error. Any
+    exception that is not a SimulatorError is reported to the client as
+    backend_error. Every backend proves the contract with test_sim.py's
+    BackendContract.
 
     Observations are flat maps of name -> numpy array. Arrays handed to step()
     are read-only views of the request; copy before writing into one.
@@ -188,6 +191,12 @@ def array_spec(shape, dtype, low=None, high=None) -> Dict[str, Any]:
 
 def observation_spec_of(observation: Observation) -> Dict[str, Any]:
     return {key: array_spec(value.shape, value.dtype) for key, value in observation.items()}
+
+
+def require_task(loaded: bool, method: str) -> None:
+    """NoTaskLoaded unless a task is loaded: reset and step call this first."""
+    if not loaded:
+        raise NoTaskLoaded(f"{method} needs a task: call load_task first")
 
 
 def require_action(action: Dict[str, np.ndarray], key: str, shape: Tuple[int, ...]) -> np.ndarray:

@@ -36,6 +36,7 @@ from backends.base import (
     observation_spec_of,
     package_versions,
     require_modules,
+    require_task,
     stack_versions,
 )
 
@@ -177,6 +178,7 @@ class GymnasiumBackend(SimulatorBackend):
 
     def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
               ) -> Tuple[Observation, Dict[str, Any]]:
+        require_task(self.env is not None, "reset")
         if init_state_index is not None:
             raise InvalidParams("Gymnasium environments have no init states; pass seed instead")
         if seed is not None and not 0 <= seed < 2**32:
@@ -185,6 +187,7 @@ class GymnasiumBackend(SimulatorBackend):
         return self._observation(observation), serializable_info(info)
 
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        require_task(self.env is not None, "step")
         observation, reward, terminated, truncated, info = self.env.step(self._checked_action(action))
         return self._observation(observation), float(reward), bool(terminated), bool(truncated), \
             serializable_info(info)

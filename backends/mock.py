@@ -32,6 +32,7 @@ from backends.base import (
     TaskNotFound,
     array_spec,
     require_action,
+    require_task,
     stack_versions,
 )
 
@@ -122,6 +123,7 @@ class MockBackend(SimulatorBackend):
     def reset(
         self, seed: Optional[int] = None, init_state_index: Optional[int] = None
     ) -> Tuple[Observation, Dict[str, Any]]:
+        require_task(self.task is not None, "reset")
         if init_state_index is not None and not 0 <= init_state_index < 50:
             raise InvalidParams(f"init_state_index must be in [0, 50), got {init_state_index}")
         start = init_state_index if init_state_index is not None else (seed or 0)
@@ -130,6 +132,7 @@ class MockBackend(SimulatorBackend):
         return self._observation(), {"step": 0, "success": False}
 
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        require_task(self.task is not None, "step")
         move = require_action(action, "action", (ACTION_DIM,))
         self.steps += 1
         self._inject_faults()

@@ -35,6 +35,7 @@ from backends.base import (
     package_versions,
     require_action,
     require_modules,
+    require_task,
     stack_versions,
 )
 
@@ -148,6 +149,7 @@ class RobosuiteBackend(SimulatorBackend):
 
     def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
               ) -> Tuple[Observation, Dict[str, Any]]:
+        require_task(self.env is not None, "reset")
         if init_state_index is not None:
             raise InvalidParams("robosuite environments have no init states; pass seed instead")
         seed = DEFAULT_SEED if seed is None else seed
@@ -159,6 +161,7 @@ class RobosuiteBackend(SimulatorBackend):
         return dict(observation), {"seed": seed, "step": 0, "success": False}
 
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
+        require_task(self.env is not None, "step")
         move = require_action(action, "action", (self.env.action_dim,))
         observation, reward, _, _ = self.env.step(move)
         self.steps += 1
