@@ -46,7 +46,7 @@ SERVE_UNTIL_PARENT_DIES = ("import runpy, signal, sys; from server.process impor
 # What a server inherits from the process that started the fleet (a hand-started one reads the same).
 PASSED_ENVIRONMENT_PREFIXES = ("SIM_", "MUJOCO_", "PYOPENGL_", "LP_NUM_THREADS")
 
-log = logging.getLogger("sim_ray")
+log = logging.getLogger("evaluation.ray_fleet")
 
 
 class FleetError(Exception):

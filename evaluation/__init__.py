@@ -1,0 +1,28 @@
+"""The evaluation runner behind sim_eval.py, one module per job:
+
+- policies.py: what a policy is, loading one, batching many sessions into one call
+- openpi.py: policies served by openpi's WebsocketPolicyServer (its wire format, its LIBERO inputs)
+- runner.py: episodes over parallel sessions and servers, with failover
+- records.py: one record per episode, the results file and its resume, LeRobot's eval_info.json
+- report.py: success rates with intervals, the text table, the chart, the HTML report
+- videos.py: one video per episode, and thumbnails for the report
+- ray_fleet.py: simulator servers as Ray actors (--ray)
+
+Everything here needs only sim_client.py beside it (websockets and Pillow for openpi://, Ray for --ray).
+"""
+
+
+class SetupError(Exception):
+    """The run cannot start (a bad policy, an unknown task, no server): said in one line, exit 2."""
+
+
+class PolicyError(Exception):
+    """The policy failed on one observation; that episode fails ("policy_error") and the run goes on."""
+
+    failure = "policy_error"
+
+
+class PolicyTimeout(PolicyError):
+    """No action came within the policy timeout; that episode fails ("policy_timeout")."""
+
+    failure = "policy_timeout"

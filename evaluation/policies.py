@@ -1,0 +1,185 @@
+"""Policies: the built-in ones, `module:name` from the current folder, and batching many sessions
+into one call. A policy is `act(observation, task_info) -> action or [K, A] chunk`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from evaluation import PolicyError, PolicyTimeout, SetupError
+from sim_client import zero_action
+
+DEFAULT_BATCH_WAIT_MS = 10.0
+# How long an episode waits for a policy's action: a first call of a big model may compile for
+# minutes, a policy server that never answers must not hang the run.
+DEFAULT_POLICY_TIMEOUT_S = 300.0
+
+
+def zero_policy(observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """All zeros, whatever the observation: a baseline and a smoke test."""
+    return zero_action(task_info)
+
+
+def random_policy(observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Uniform within the action spec's bounds (or [-1, 1] where it has none)."""
+    action = {}
+    for name, spec in task_info["action_spec"].items():
+        dtype = np.dtype(spec["dtype"])
+        low = np.maximum(np.asarray(spec.get("low", -1.0), dtype=np.float64), -1.0)
+        high = np.minimum(np.asarray(spec.get("high", 1.0), dtype=np.float64), 1.0)
+        if dtype.kind in "iu":
+            action[name] = np.asarray(np.random.randint(int(spec.get("low", 0)), int(spec.get("high", 1)) + 1),
+                                      dtype=dtype)
+        else:
+            action[name] = np.random.uniform(low, high, spec["shape"]).astype(dtype)
+    return action
+
+
+BUILTIN_POLICIES = {"zero": zero_policy, "random": random_policy}
+
+
+class Policy:
+    """What an episode calls: `act(observation, task_info)` and `reset(task_info)`.
+
+    Any exception from the user's code becomes a PolicyError carrying its traceback.
+    `load_options` are load_task options the policy needs (openpi: its convention).
+    """
+
+    def __init__(self, act: Callable, reset: Optional[Callable] = None, name: str = "",
+                 load_options: Optional[Dict[str, Any]] = None) -> None:
+        self._act, self._reset = act, reset
+        self.name = name
+        self.load_options = load_options or {}
+
+    def act(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Any:
+        try:
+            return self._act(observation, task_info)
+        except PolicyError:
+            raise
+        except Exception:
+            raise PolicyError(traceback.format_exc()) from None
+
+    def reset(self, task_info: Dict[str, Any]) -> None:
+        if self._reset is None:
+            return
+        try:
+            self._reset(task_info)
+        except Exception:
+            raise PolicyError(traceback.format_exc()) from None
+
+    def close(self) -> None:
+        """Stop helper threads (the batcher); safe to call twice."""
+        closer = getattr(self._act, "close", None)
+        if closer is not None:
+            closer()
+
+
+def load_policy(spec: str, batch_size: int = 1, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+                timeout_s: float = DEFAULT_POLICY_TIMEOUT_S, replan_steps: Optional[int] = None) -> Policy:
+    """A built-in policy, `module:name` importable from the current folder, or openpi://HOST:PORT
+    (which executes `replan_steps` actions of each chunk, openpi's 5 by default)."""
+    if spec.startswith("openpi://"):
+        from evaluation.openpi import DEFAULT_REPLAN_STEPS, OpenpiPolicy
+
+        served = OpenpiPolicy(spec, DEFAULT_REPLAN_STEPS if replan_steps is None else replan_steps, timeout_s)
+        return Policy(served, name=served.uri, load_options={"convention": "openpi"})
+    if spec in BUILTIN_POLICIES:
+        if batch_size > 1:
+            raise SetupError(f"--batch-size needs a batched module:function policy, not {spec!r}")
+        return Policy(BUILTIN_POLICIES[spec], name=spec)
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise SetupError(f"--policy {spec!r}: use zero, random, module:function or openpi://HOST:PORT")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise SetupError(f"--policy {spec!r}: cannot import {module_name}: {type(error).__name__}: {error}") from None
+    target = getattr(module, attribute, None)
+    if not callable(target):
+        raise SetupError(f"--policy {spec!r}: {module_name} has no callable {attribute!r}")
+    reset = getattr(target, "reset", None)
+    reset_hook = (lambda task_info: reset()) if callable(reset) else getattr(module, "reset", None)
+    act = PolicyBatcher(target, batch_size, batch_wait_ms, timeout_s) if batch_size > 1 else target
+    return Policy(act, reset_hook if callable(reset_hook) else None, name=spec)
+
+
+@dataclass
+class _BatchSlot:
+    observation: Dict[str, np.ndarray]
+    task_info: Dict[str, Any]
+    done: threading.Event
+    action: Any = None
+    error: Optional[str] = None
+
+
+class PolicyBatcher:
+    """One call of a batched policy for the observations of many sessions.
+
+    Each session's thread calls the batcher like a plain policy and waits, at most `timeout_s`;
+    a serving thread takes the first waiting observation, gathers others for at most `wait_ms`
+    (up to `batch_size`), calls `policy(observations, task_infos)` once and hands each its action.
+    """
+
+    def __init__(self, policy: Callable, batch_size: int, wait_ms: float,
+                 timeout_s: float = DEFAULT_POLICY_TIMEOUT_S) -> None:
+        self.policy, self.batch_size, self.wait_s, self.timeout_s = policy, batch_size, wait_ms / 1000.0, timeout_s
+        self.waiting: queue.Queue = queue.Queue()
+        self.calls = 0
+        self.thread = threading.Thread(target=self._serve, name="policy-batcher", daemon=True)
+        self.thread.start()
+
+    def __call__(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Any:
+        slot = _BatchSlot(observation, task_info, threading.Event())
+        self.waiting.put(slot)
+        if not slot.done.wait(self.timeout_s):
+            raise PolicyTimeout(f"the batched policy gave no action within {self.timeout_s:g} s")
+        if slot.error is not None:
+            raise PolicyError(slot.error)
+        return slot.action
+
+    def _gather(self, first: _BatchSlot) -> List[_BatchSlot]:
+        batch, deadline = [first], time.monotonic() + self.wait_s
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                slot = self.waiting.get(timeout=remaining) if remaining > 0 else self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if slot is None:
+                self.waiting.put(None)  # keep the stop signal for _serve
+                break
+            batch.append(slot)
+        return batch
+
+    def _serve(self) -> None:
+        while True:
+            first = self.waiting.get()
+            if first is None:
+                return
+            batch = self._gather(first)
+            try:
+                actions = list(self.policy([s.observation for s in batch], [s.task_info for s in batch]))
+                if len(actions) != len(batch):
+                    raise ValueError(f"a batched policy returned {len(actions)} actions for {len(batch)} observations")
+            except Exception:
+                error = traceback.format_exc()
+                actions = [None] * len(batch)
+                for slot in batch:
+                    slot.error = error
+            self.calls += 1
+            for slot, action in zip(batch, actions):
+                slot.action = action
+                slot.done.set()
+
+    def close(self) -> None:
+        self.waiting.put(None)

@@ -1,0 +1,375 @@
+"""Episodes of several tasks over parallel sessions on one or more servers, with failover.
+
+An episode follows the standard protocol (episode i starts from init state i, or seed i where a
+task has no init states; the task's horizon). Each session thread runs one episode at a time;
+an episode whose server stops answering or whose simulator dies is put back and retried on
+another session (another server when there is one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from evaluation import PolicyError, SetupError
+from evaluation.policies import Policy
+from evaluation.records import EpisodeRecord, ResultsFile, utc_now
+from evaluation.report import summary_json
+from evaluation.videos import VideoWriter, png_base64
+from sim_client import (
+    CLIENT_VERSION,
+    DEFAULT_TIMEOUT_S,
+    BackendError,
+    ServerBusy,
+    ServerError,
+    ServerTimeout,
+    SimulatorClient,
+    upright,
+)
+
+# A horizon for environments that set no episode limit.
+MAX_UNLIMITED_STEPS = 10000
+# An episode whose server died is retried elsewhere at most this often.
+MAX_ATTEMPTS = 3
+# The task_info fields that decide a score, kept in the results file beside the episodes.
+TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "flip_images", "state_vector",
+                   "image_size", "simulator_stack", "renderer")
+# A session told server_busy waits this long before its episode is tried again.
+BUSY_BACKOFF_S = 1.0
+# How long a run whose servers are all down waits for Ray to restart one (--ray).
+RESTART_WAIT_S = 300.0
+# How long a server may take to answer its first ping before the run stops with a clear line.
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class EvaluationSettings:
+    """What to run, where, and what to keep."""
+
+    addresses: List[str]
+    tasks: List[str]
+    episodes: int  # per task: init states (or seeds) 0..episodes-1
+    parallel: int = 1  # episodes at once, one session each
+    results_path: Optional[str] = None
+    load_options: Dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # per simulator call
+    videos: Optional[VideoWriter] = None
+    keep_thumbnails: bool = False  # first and last frames for the report
+    force: bool = False  # resume a results file made with other settings
+    client_options: Dict[str, Optional[str]] = field(default_factory=dict)  # CURVE keys, simulator
+
+
+def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], policy: Policy, index: int,
+                record_key: Optional[str] = None) -> Tuple[EpisodeRecord, List[np.ndarray]]:
+    """One episode from init state `index` (or seed `index`) to the task's horizon: its record, and
+    the `record_key` camera's frames, upright. A policy failure ends the episode as failed."""
+    started = time.monotonic()
+    if "num_init_states" in task_info:
+        observation, info = sim.reset(init_state_index=index % task_info["num_init_states"])
+    else:
+        observation, info = sim.reset(seed=index)
+    frames = [upright(observation[record_key], task_info)] if record_key else []
+    steps, success, failure, error, rewards = 0, False, "horizon", None, []
+    horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
+    try:
+        policy.reset(task_info)
+        while steps < horizon:
+            result = sim.step(policy.act(observation, task_info))
+            observation = result["observation"]
+            rewards += result.get("rewards", [result["reward"]])
+            steps = int(result["info"].get("step", steps + result.get("steps_run", 1)))
+            if record_key:
+                frames.append(upright(observation[record_key], task_info))
+            if result["terminated"] or result["truncated"]:
+                success = bool(result["info"].get("success", result["terminated"]))
+                failure = None if success else ("horizon" if result["truncated"] else "terminated")
+                break
+    except PolicyError as policy_error:
+        failure, error = policy_error.failure, str(policy_error)[-4000:]
+    seed = info.get("seed", None if "num_init_states" in task_info else index)
+    record = EpisodeRecord(task=task, init_state_index=index, seed=seed, success=success,
+                           steps=steps, failure=failure, error=error, sum_reward=float(sum(rewards)),
+                           max_reward=float(max(rewards)) if rewards else 0.0,
+                           seconds=round(time.monotonic() - started, 3))
+    return record, frames
+
+
+@dataclass
+class Job:
+    """One episode to run: a task, the init state (or seed) index, and the attempts made so far."""
+
+    task: str
+    index: int
+    attempts: int = 0
+
+
+class Evaluation:
+    """The episodes of a run over `settings.parallel` sessions; see the module docstring.
+
+    Each finished episode is written to the results file at once, so a rerun with the same file
+    skips what is done. `address_source`, when given, is asked for the servers' addresses as the
+    run goes (servers that Ray restarts come back on new ones).
+    """
+
+    def __init__(self, settings: EvaluationSettings, policy: Policy,
+                 address_source: Optional[Callable[[], List[str]]] = None) -> None:
+        self.settings, self.policy, self.address_source = settings, policy, address_source
+        self.addresses = list(settings.addresses)
+        self.load_options = {**policy.load_options, **settings.load_options}
+        self.run_settings = {"policy": policy.name, "load_options": self.load_options}
+        self.results_file = ResultsFile(settings.results_path)
+        self.results = self.results_file.finished_episodes(self.run_settings, settings.force)
+        done = {(r.task, r.init_state_index) for r in self.results}
+        self.jobs = [Job(task, index) for task in settings.tasks for index in range(settings.episodes)
+                     if (task, index) not in done]
+        self.started_at, self.finished_at = utc_now(), None
+        self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
+        self.retried: List[Dict[str, Any]] = []
+        self.dead_addresses: set = set()
+        self.servers: Dict[str, Dict[str, Any]] = {}  # address -> its get_info
+        self.task_settings: Dict[str, Dict[str, Any]] = {}  # task -> its TASK_PROVENANCE fields
+        self.lock = threading.Lock()
+        self.progress = Progress(len(self.jobs))
+
+    def run(self) -> List[EpisodeRecord]:
+        """Run every job on the parallel session threads; the finished episode records."""
+        threads = [threading.Thread(target=self._work, args=(slot,), daemon=True)
+                   for slot in range(max(1, self.settings.parallel))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()  # each episode's calls are bounded: the client's timeouts and --policy-timeout
+        self.progress.close()
+        with self.lock:
+            self.finished_at = utc_now()
+            self._save()
+        return self.results
+
+    def run_info(self) -> Dict[str, Any]:
+        """How this run was made: command, policy, settings, client version, times."""
+        return {"command": sys.argv, "policy": self.policy.name, "settings": self.run_settings,
+                "client_version": CLIENT_VERSION, "started_at": self.started_at, "finished_at": self.finished_at}
+
+    def _work(self, slot: int) -> None:
+        """One session at a time on this slot's server; it ends (freeing its simulator) when the
+        thread moves to another server and when the jobs run out."""
+        session = SessionSlot(self)
+        try:
+            while True:
+                job = self._next_job()
+                if job is None:
+                    break
+                address = self._address_for(slot)
+                if address is None:
+                    self._give_back(job, "every server is down")
+                    break
+                self._run_job(session, job, address)
+        finally:
+            session.end()
+
+    def _run_job(self, session: SessionSlot, job: Job, address: str) -> None:
+        try:
+            task_info = session.ready(address, job.task)
+            record, frames = run_episode(session.sim, job.task, task_info, self.policy, job.index,
+                                         self._record_key(task_info))
+        except (ServerTimeout, BackendError, ServerBusy) as error:
+            if isinstance(error, ServerTimeout):  # gone: not asked again, its session left to be reaped
+                with self.lock:
+                    self.dead_addresses.add(address)
+                session.abandon()
+            else:  # the server is there: free the slot now
+                session.end()
+            if isinstance(error, ServerBusy):
+                time.sleep(BUSY_BACKOFF_S)
+            self._give_back(job, f"{type(error).__name__} on {address}: {error}")
+            return
+        except ServerError as error:  # the server refused an action or a reset: a failed episode
+            record, frames = EpisodeRecord.failed(job.task, job.index, "simulator_error",
+                                                  f"{type(error).__name__}: {error}"), []
+        record.address, record.attempts = address, job.attempts + 1
+        self._finish(record, frames)
+
+    def _next_job(self) -> Optional[Job]:
+        with self.lock:
+            return self.jobs.pop(0) if self.jobs else None
+
+    def _live_addresses(self) -> List[str]:
+        if self.address_source is not None:
+            addresses = self.address_source()
+            with self.lock:
+                self.addresses = addresses
+        with self.lock:
+            return [a for a in self.addresses if a not in self.dead_addresses]
+
+    def _address_for(self, slot: int) -> Optional[str]:
+        live = self._live_addresses()
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while not live and self.address_source is not None and time.monotonic() < deadline:
+            time.sleep(1.0)  # a restarting server comes back on a new address
+            live = self._live_addresses()
+        return live[slot % len(live)] if live else None
+
+    def note_server(self, address: str, sim: SimulatorClient) -> None:
+        if address not in self.servers:
+            info = sim.get_info()
+            for key in ("session_id", "current_task", "sim_pid", "active_sessions", "simulator_sessions"):
+                info.pop(key, None)  # this session's, not the server's
+            with self.lock:
+                self.servers[address] = info
+
+    def note_task(self, task: str, task_info: Dict[str, Any]) -> None:
+        with self.lock:
+            self.task_settings[task] = {key: task_info[key] for key in TASK_PROVENANCE if key in task_info}
+
+    def _give_back(self, job: Job, why: str) -> None:
+        job.attempts += 1
+        live = self._live_addresses() or self.address_source is not None  # a fleet's servers come back
+        with self.lock:
+            self.retried.append({"task": job.task, "init_state_index": job.index, "why": why[:200]})
+            retry = job.attempts < MAX_ATTEMPTS and bool(live)
+            if retry:
+                self.jobs.append(job)
+        if not retry:
+            self.progress.note(f"gave up on {job.task} #{job.index}: {why[:120]}")
+            self._finish(EpisodeRecord.failed(job.task, job.index, "server_lost", why[:2000], attempts=job.attempts),
+                         [])
+
+    def _record_key(self, task_info: Dict[str, Any]) -> Optional[str]:
+        videos = self.settings.videos
+        if videos is None and not self.settings.keep_thumbnails:
+            return None
+        images = [key for key, spec in task_info["observation_spec"].items() if len(spec["shape"]) == 3]
+        wanted = videos.camera if videos is not None else None
+        return wanted if wanted in images else (images[0] if images else None)
+
+    def _finish(self, record: EpisodeRecord, frames: List[np.ndarray]) -> None:
+        if frames and self.settings.keep_thumbnails:
+            self.thumbnails[(record.task, record.init_state_index)] = [png_base64(frames[0]), png_base64(frames[-1])]
+        if frames and self.settings.videos is not None:
+            record.video = self.settings.videos.save(frames, record)
+        if record.failure in ("policy_error", "policy_timeout"):
+            self.progress.note(f"policy failed in {record.task} #{record.init_state_index}: "
+                               f"{record.error.strip().splitlines()[-1]}")
+        with self.lock:
+            self.results.append(record)
+            self._save()
+            self.progress.update(record.success)
+
+    def _save(self) -> None:
+        self.results_file.save({
+            "run": self.run_info(), "addresses": self.addresses, "servers": self.servers,
+            "tasks": self.settings.tasks, "task_settings": self.task_settings, "summary": summary_json(self.results),
+            "retried": self.retried, "episodes": [record.as_json() for record in self.results]})
+
+
+class SessionSlot:
+    """A session thread's one session: opened on the job's server, its task loaded once, ended when
+    the thread moves on."""
+
+    def __init__(self, evaluation: Evaluation) -> None:
+        self.evaluation = evaluation
+        self.sim: Optional[SimulatorClient] = None
+        self.task: Optional[str] = None
+        self.task_info: Dict[str, Any] = {}
+
+    def ready(self, address: str, task: str) -> Dict[str, Any]:
+        """A session on `address` with `task` loaded: the task_info."""
+        evaluation = self.evaluation
+        if self.sim is None or self.sim.address != address:
+            self.end()
+            self.sim = SimulatorClient(address, timeout_s=evaluation.settings.timeout_s,
+                                       **evaluation.settings.client_options)
+            evaluation.note_server(address, self.sim)
+        if task != self.task:
+            self.task_info, self.task = self.sim.load_task(task, **evaluation.load_options), task
+            evaluation.note_task(task, self.task_info)
+        return self.task_info
+
+    def end(self) -> None:
+        """End the session on its server (its simulator is freed)."""
+        if self.sim is not None:
+            self.sim.disconnect()
+        self.sim, self.task = None, None
+
+    def abandon(self) -> None:
+        """Drop the session of a server that stopped answering, without waiting on it again."""
+        if self.sim is not None:
+            self.sim.close()
+        self.sim, self.task = None, None
+
+
+class Progress:
+    """tqdm when it is installed, else one rewritten line on stderr."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.successes = total, 0, 0
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="episode")
+        except ImportError:
+            self.bar = None
+
+    def update(self, success: bool) -> None:
+        """One more episode done."""
+        self.done += 1
+        self.successes += int(success)
+        rate = self.successes / self.done
+        if self.bar is not None:
+            self.bar.set_postfix(success=f"{rate:.2f}")
+            self.bar.update(1)
+        else:
+            sys.stderr.write(f"\r{self.done}/{self.total} episodes, success {rate:.2f}")
+            sys.stderr.flush()
+
+    def note(self, text: str) -> None:
+        """A line of text that does not break the bar."""
+        (self.bar.write if self.bar is not None else lambda t: print(t, file=sys.stderr))(text)
+
+    def close(self) -> None:
+        """End the bar or the progress line."""
+        if self.bar is not None:
+            self.bar.close()
+        elif self.total:
+            sys.stderr.write("\n")
+
+
+def check_servers(addresses: List[str], client_options: Dict[str, Optional[str]], timeout_s: float) -> None:
+    """Every server answers a ping, or SetupError naming the one that does not."""
+    for address in addresses:
+        sim = SimulatorClient(address, timeout_s=timeout_s, retries=0, **client_options)
+        try:
+            sim.ping()
+        except ServerTimeout:
+            raise SetupError(f"no simulator server answers at {address} within {timeout_s:g} s: is it "
+                             "running, is the address right (tcp://HOST:PORT), are the CURVE keys right?") from None
+        except ServerError as error:  # e.g. --simulator names one the server does not serve
+            raise SetupError(f"{address}: {error}") from None
+        finally:
+            sim.disconnect()
+
+
+def resolve_tasks(address: str, tasks: Optional[List[str]], suite: Optional[str],
+                  client_options: Dict[str, Optional[str]]) -> List[str]:
+    """The tasks to run: the suite's, or `tasks` checked against what the server lists."""
+    with SimulatorClient(address, timeout_s=PREFLIGHT_TIMEOUT_S, **client_options) as sim:
+        try:
+            if not tasks:
+                return sim.list_tasks(suite=suite)
+            listed: Dict[Optional[str], List[str]] = {}
+            for task in tasks:
+                group = task.rpartition("/")[0] or None
+                if group not in listed:
+                    listed[group] = sim.list_tasks(suite=group)
+                if task not in listed[group]:
+                    close = difflib.get_close_matches(task, listed[group], n=3) or listed[group][:3]
+                    raise SetupError(f"unknown task {task!r} on {address}; close matches: {close}")
+        except ServerError as error:  # an unknown suite, or a server without suites
+            raise SetupError(str(error)) from None
+    return tasks
