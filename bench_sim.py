@@ -9,7 +9,6 @@ machine, so a shared, noisy machine moves both sides together.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import zmq
 
 import sim_client
 import sim_server
+from evaluation.policies import Policy, PolicyBatcher, load_policy
+from evaluation.runner import Evaluation, EvaluationSettings
 from harness_sim import ServerProcess, free_port, libero_suite
 
 LIBERO_SIZE_OBSERVATION = {
@@ -180,8 +181,6 @@ POLICY_CALL_S = 0.1  # one forward pass on one GPU, whatever the batch
 
 def bench_batching() -> list:
     """8 parallel mock sessions and a policy that serves one call at a time: batched vs one by one."""
-    import sim_eval
-
     env = {"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_EPISODE_STEPS": "20"}
     server = ServerProcess("mock", env=env)
     gpu = threading.Lock()
@@ -199,14 +198,15 @@ def bench_batching() -> list:
     def seconds_for(policy) -> float:
         started = time.perf_counter()
         try:
-            sim_eval.Evaluation([server.address], policy, ["reach_center"], episodes=8, parallel=8).run()
+            Evaluation(EvaluationSettings(addresses=[server.address], tasks=["reach_center"], episodes=8,
+                                          parallel=8), policy).run()
         finally:
             policy.close()
         return time.perf_counter() - started
 
     try:
-        one_by_one = seconds_for(sim_eval.Policy(one_observation))
-        batched = seconds_for(sim_eval.Policy(sim_eval.PolicyBatcher(many_observations, 8, 10.0)))
+        one_by_one = seconds_for(Policy(one_observation))
+        batched = seconds_for(Policy(PolicyBatcher(many_observations, 8, 10.0)))
     finally:
         server.stop()
     return [("8 sessions x 20 steps, 100 ms policy: batched (B=8) vs one call at a time", f"{batched:.2f} s",
@@ -218,7 +218,7 @@ def bench_batching() -> list:
 def bench_libero() -> list:
     from backends.base import choose_renderer
 
-    choose_renderer()
+    choose_renderer()  # sets MUJOCO_GL for the in-process env, as the server does for its workers
     from harness_sim import in_process_env
 
     suite = "libero_spatial"
@@ -317,16 +317,14 @@ def bench_render_threads() -> list:
 def bench_libero_episodes_per_hour() -> list:
     """Zero policy on libero_spatial, standard convention, as many sessions as cores: whole episodes
     (the zero action never succeeds, so each runs the 220-step horizon) per hour."""
-    import sim_eval
-
     cores = os.cpu_count() or 1
     server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
     tasks = libero_suite("libero_spatial").get_task_names()[:cores]
     try:
         started = time.perf_counter()
-        results = sim_eval.Evaluation([server.address], sim_eval.load_policy("zero"),
-                                      [f"libero_spatial/{task}" for task in tasks], episodes=2,
-                                      parallel=cores).run()
+        settings = EvaluationSettings(addresses=[server.address], tasks=[f"libero_spatial/{task}" for task in tasks],
+                                      episodes=2, parallel=cores)
+        results = Evaluation(settings, load_policy("zero")).run()
         elapsed = time.perf_counter() - started
     finally:
         server.stop()
@@ -392,7 +390,7 @@ def bench_libero_dashboard() -> list:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = sim_client.OneLineParser(prog="bench_sim.py", description=__doc__.splitlines()[0])
     parser.add_argument("--no-libero", action="store_true", help="skip the LIBERO figures")
     args = parser.parse_args()
     rows = bench_codec() + bench_round_trip() + bench_dashboard() + bench_parallel_sessions() + bench_batching()

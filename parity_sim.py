@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from sim_client import OneLineParser, SimulatorClient, SimulatorClientError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_PATH = os.path.join(HERE, "parity_reference.json")
 # Physics must match; GPU EGL rasterises slightly differently from Mesa, so pixels may not, quite.
@@ -126,8 +128,6 @@ def probe_in_process(jobs: List[Tuple[str, int]], processes: int) -> Tuple[List[
 def probe_server(address: str, jobs: List[Tuple[str, int]], reference: Dict[Tuple, Probe], timeout_s: float,
                  **keys: Optional[str]) -> Tuple[List[Probe], Dict[str, Any]]:
     """The same probes through a server, under its standard convention with 128x128 cameras."""
-    from sim_client import SimulatorClient
-
     probes = []
     with SimulatorClient(address, timeout_s=timeout_s, **keys) as sim:
         for suite_name, task_index in jobs:
@@ -243,7 +243,8 @@ def write_reference(path: str, suites: List[str], processes: int) -> int:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Compare a LIBERO stack against the published one's reference data.")
+    parser = OneLineParser(prog="parity_sim.py",
+                           description="Compare a LIBERO stack against the published one's reference data.")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--address", help="check the LIBERO server at this address")
     where.add_argument("--in-process", action="store_true", help="check LIBERO installed in this Python")
@@ -276,8 +277,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         measured, renderer = probe_in_process(jobs, max(1, args.jobs))
         stack = {**stack_versions(), "renderer": renderer}
     else:
-        from sim_client import SimulatorClientError
-
         try:
             measured, facts = probe_server(args.address, jobs, reference, args.timeout, server_key=args.server_key,
                                            client_key=args.client_key)

@@ -147,9 +147,6 @@ class ServerUnreachable(ServerTimeout):
     firewall, or CURVE keys the server refuses."""
 
 
-# Methods a session may call before it has selected a simulator.
-WITHOUT_SIMULATOR = ("list_simulators", "select_simulator", "ping", "disconnect")
-
 ERROR_CLASSES = {cls.error_type: cls for cls in (
     UnknownMethod, InvalidParams, TaskNotFound, NoTaskLoaded, NotReset, BackendError, InternalError, ServerBusy,
     NoSimulatorSelected, UnknownSimulator, SimulatorAlreadySelected)}
@@ -262,24 +259,30 @@ class SimulatorClient:
         self._reconnect()
 
     def call(self, method: str, timeout_s: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
-        """Send one request and return the reply's fields, or raise its typed error."""
-        selecting = self.simulator is not None and method not in WITHOUT_SIMULATOR
-        if selecting and not self._selected:
-            self._selected = self.call("select_simulator", simulator=self.simulator)["status"] == "ok"
+        """Send one request and return the reply's fields, or raise its typed error. With
+        `simulator` set, the session selects it first, and again when the server forgot the session."""
+        if self.simulator is not None and not self._selected and method != "select_simulator":
+            self._select()
         try:
             return self._call_once(method, timeout_s, fields)
         except NoSimulatorSelected:
-            if not selecting:
+            if self.simulator is None:
                 raise
-            self.call("select_simulator", simulator=self.simulator)  # a new session on the server
+            self._select()  # the server forgot this session (reaped, or restarted)
             return self._call_once(method, timeout_s, fields)
 
-    def _call_once(self, method: str, timeout_s: Optional[float], fields: Dict[str, Any]) -> Dict[str, Any]:
+    def _select(self) -> None:
+        self._call_once("select_simulator", None, {"simulator": self.simulator})
+        self._selected = True
+
+    def _call_once(self, method: str, timeout_s: Optional[float], fields: Dict[str, Any],
+                   retries: Optional[int] = None) -> Dict[str, Any]:
         request_id = next(self._request_ids)
         body = encode(dict(fields, method=method, request_id=request_id))
         if self._first_contact is None:
             self._first_contact = time.monotonic()
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
                 self._send(body, method)
                 reply = self._wait_for_reply(request_id, timeout_s or self.timeout_s, method)
@@ -287,7 +290,7 @@ class SimulatorClient:
             except ServerUnreachable:
                 raise
             except ServerTimeout:
-                if attempt == self.retries:
+                if attempt == retries:
                     raise
         if reply.get("status") != "ok":
             error_type = str(reply.get("error_type", ""))
@@ -295,34 +298,44 @@ class SimulatorClient:
         return reply
 
     def _wait_for_reply(self, request_id: int, timeout_s: float, method: str) -> Dict[str, Any]:
-        """The reply to `request_id`. While a long call runs, a ping every `timeout_s` tells a
-        busy server (answered) from a dead one (silent), so only `load_timeout_s` bounds a load."""
+        """The reply to `request_id`, by three rules: first contact (when nothing has ever answered,
+        say so soon), liveness (while a long call runs, a ping every `timeout_s` tells a busy server,
+        which answers it, from a dead one, so only `load_timeout_s` bounds a load) and stale replies
+        (replies to earlier requests and to pings are dropped)."""
         deadline = time.monotonic() + timeout_s
-        unanswered_ping: Optional[int] = None
-        if not self._answered:  # a live server answers a ping at once, even during a long first load
-            unanswered_ping = self._send_ping(method)
+        unanswered_ping = None if self._answered else self._send_ping(method)  # answered even during a load
         while True:
-            now = time.monotonic()
-            if not self._answered and now >= self._first_contact + self.first_contact_timeout_s:
-                self._unreachable()
-            remaining_s = deadline - now
+            self._check_first_contact()
+            remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 self._give_up(method, timeout_s, "")
             slice_s = min(timeout_s, self.timeout_s) if self._answered else FIRST_CONTACT_PING_S
-            if self._socket.poll(int(min(remaining_s, slice_s) * 1000) + 1, zmq.POLLIN):
-                reply = decode(self._socket.recv_multipart()[-1])
-                self._answered = True
-                if not isinstance(reply, dict):
-                    continue
-                if reply.get("request_id") == request_id:
-                    return reply
-                if reply.get("request_id") == unanswered_ping:
-                    unanswered_ping = None
-                continue  # a late reply to an earlier request, or a ping's: drop it
-            if unanswered_ping is not None and self._answered:
-                self._give_up(method, slice_s, " (nor to a ping)")
-            if time.monotonic() < deadline:
-                unanswered_ping = self._send_ping(method)
+            reply = self._receive(min(remaining_s, slice_s))
+            if reply is None:
+                unanswered_ping = self._check_liveness(method, unanswered_ping, slice_s, deadline)
+            elif reply.get("request_id") == request_id:
+                return reply
+            elif reply.get("request_id") == unanswered_ping:
+                unanswered_ping = None
+
+    def _check_first_contact(self) -> None:
+        if not self._answered and time.monotonic() >= self._first_contact + self.first_contact_timeout_s:
+            self._unreachable()
+
+    def _receive(self, wait_s: float) -> Optional[Dict[str, Any]]:
+        """The next reply to arrive within `wait_s`, or None after silence."""
+        if not self._socket.poll(int(wait_s * 1000) + 1, zmq.POLLIN):
+            return None
+        reply = decode(self._socket.recv_multipart()[-1])
+        self._answered = True
+        return reply if isinstance(reply, dict) else {}
+
+    def _check_liveness(self, method: str, unanswered_ping: Optional[int], waited_s: float,
+                        deadline: float) -> Optional[int]:
+        """After a silent slice: a server that let a ping go unanswered is gone; else ping it again."""
+        if unanswered_ping is not None and self._answered:
+            self._give_up(method, waited_s, " (nor to a ping)")
+        return self._send_ping(method) if time.monotonic() < deadline else unanswered_ping
 
     def _send_ping(self, method: str) -> int:
         request_id = next(self._request_ids)
@@ -410,14 +423,21 @@ class SimulatorClient:
         return time.monotonic() - started
 
     def disconnect(self) -> None:
-        """End the session on the server (its simulator is closed) and close the socket."""
+        """End the session on the server (its simulator is closed) and close the socket. One try:
+        a server that does not answer within min(timeout_s, 5 s) reaps the idle session anyway."""
         if self._socket is None:
             return
         try:
-            self.call("disconnect", timeout_s=min(self.timeout_s, 5.0))
+            self._call_once("disconnect", min(self.timeout_s, 5.0), {}, retries=0)
         except SimulatorClientError:
-            pass  # the server is gone or busy: it reaps the idle session anyway
+            pass
         finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket without a word to the server, which reaps the session when it idles;
+        for a server that stopped answering. Safe to call twice."""
+        if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
 
@@ -457,10 +477,15 @@ def zero_action(task_info: Dict[str, Any]) -> Dict[str, np.ndarray]:
 
 
 def upright(image: np.ndarray, task_info: Dict[str, Any]) -> np.ndarray:
-    """A camera frame the right way up: LIBERO renders upside down unless its convention flips it."""
-    if "suite" in task_info and not task_info.get("flip_images", False):
-        return image[::-1, ::-1]
-    return image
+    """A camera frame the right way up, for people: turned when the task says its images are rotated."""
+    return image[::-1, ::-1] if task_info.get("images_rotated_180") else image
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def describe_array(value: Any) -> str:
@@ -499,13 +524,9 @@ def run_demo(address: str, task: Optional[str], steps: int, timeout_s: float, **
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line: a one-episode smoke test, or `eval`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:
-        print("sim_client.py eval is now sim_eval.py: python sim_eval.py " + " ".join(argv[1:]), file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(description="Run one episode against a simulator server; "
-                                     "`python sim_eval.py --help` evaluates a policy on many.")
+    """The command line: a one-episode smoke test of a server."""
+    parser = OneLineParser(prog="sim_client.py", description="Run one episode against a simulator server; "
+                           "`python sim_eval.py --help` evaluates a policy on many.")
     parser.add_argument("--address", default=os.environ.get("SIM_ADDRESS", DEFAULT_ADDRESS))
     parser.add_argument("--task", default=None, help="task to load (default: the first listed)")
     parser.add_argument("--steps", type=int, default=50)

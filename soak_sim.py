@@ -9,7 +9,6 @@ the simulator processes left once abandoned sessions are reaped (should be 0).
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import threading
@@ -19,25 +18,15 @@ import msgpack
 import numpy as np
 
 import sim_client
-from harness_sim import ServerProcess, children_of, wait_until
+from harness_sim import RawClient, ServerProcess, children_of, wait_until
 
 SESSION_TIMEOUT_S = 1
+HOSTILE_REPLY_TIMEOUT_MS = 30_000
 
 
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return int(status.read().split("VmRSS:")[1].split()[0])
-
-
-def simulator_processes(server_pid: int) -> list:
-    """The server's children other than multiprocessing's resource tracker."""
-    def is_tracker(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                return b"resource_tracker" in cmdline.read()
-        except OSError:
-            return True  # already gone
-    return [pid for pid in children_of(server_pid) if not is_tracker(pid)]
 
 
 class Tally:
@@ -75,9 +64,8 @@ def run_episodes(address: str, stop: threading.Event, tally: Tally, seed: int) -
             tally.add("failures")
             tally.errors.append(repr(error))
         if rng.random() < 0.5:
-            sim.disconnect()
-        else:
-            sim._socket.close(linger=0)  # vanish without a word: the server must reap it
+            sim.new_session()  # vanish without a word: the server must reap the session and its simulator
+        sim.disconnect()
 
 
 def random_value(rng: random.Random, depth: int = 0):
@@ -105,15 +93,16 @@ def hostile_message(rng: random.Random) -> list:
 
 
 def run_hostile(address: str, stop: threading.Event, tally: Tally, seed: int) -> None:
+    """Hostile messages, each from a new connection; each must be answered (the wait only bounds a hang)."""
     rng = random.Random(seed)
     while not stop.is_set():
-        client = sim_client.SimulatorClient(address, timeout_s=5)
-        client._socket.send_multipart(hostile_message(rng))
+        client = RawClient(address, delimiter=False)
+        client.socket.send_multipart(hostile_message(rng))
         tally.add("hostile")
-        if client._socket.poll(2000):
-            client._socket.recv_multipart()
+        if client.socket.poll(HOSTILE_REPLY_TIMEOUT_MS):
+            client.socket.recv_multipart()
             tally.add("hostile_replies")
-        client._socket.close(linger=0)
+        client.close()
 
 
 def run_soak(seconds: float, clients: int) -> dict:
@@ -131,10 +120,10 @@ def run_soak(seconds: float, clients: int) -> dict:
         stop.set()
         for thread in threads:
             thread.join()
-        reaped = wait_until(lambda: not simulator_processes(server.process.pid), SESSION_TIMEOUT_S + 10)
+        reaped = wait_until(lambda: not children_of(server.process.pid), SESSION_TIMEOUT_S + 10)
         return {**tally.counts, "errors": tally.errors[:5], "rss_warm_kib": rss_warm,
                 "rss_end_kib": rss_kib(server.process.pid), "server_alive": server.process.poll() is None,
-                "simulators_left": len(simulator_processes(server.process.pid)), "reaped": reaped,
+                "simulators_left": len(children_of(server.process.pid)), "reaped": reaped,
                 "exit_code": server.stop()}
     finally:
         if server.process.poll() is None:
@@ -142,7 +131,8 @@ def run_soak(seconds: float, clients: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Loopback soak of the server with the mock backend.")
+    parser = sim_client.OneLineParser(prog="soak_sim.py",
+                                      description="Loopback soak of the server with the mock backend.")
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
