@@ -12,10 +12,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional
 
 import zmq
+import zmq.utils.monitor
 
 import sim_client
 
@@ -32,14 +34,21 @@ def free_port() -> int:
 
 
 class RawClient:
-    """A client written only from the protocol text: a DEALER, an empty delimiter, a msgpack map."""
+    """A client written only from the protocol text: a DEALER, an empty delimiter, a msgpack map.
+
+    `curve` is (server public key, client public key, client secret key) for a CURVE server;
+    `monitor` records the socket's connection events for wait_for_event().
+    """
 
     def __init__(self, address: str, socket_type: int = zmq.DEALER, delimiter: bool = True,
-                 routing_id: Optional[bytes] = None) -> None:
+                 routing_id: Optional[bytes] = None, curve: Optional[tuple] = None, monitor: bool = False) -> None:
         self.socket = zmq.Context.instance().socket(socket_type)
         self.socket.setsockopt(zmq.LINGER, 0)
         if routing_id is not None:
             self.socket.setsockopt(zmq.IDENTITY, routing_id)
+        if curve is not None:
+            self.socket.curve_serverkey, self.socket.curve_publickey, self.socket.curve_secretkey = curve
+        self.monitor = self.socket.get_monitor_socket(addr=f"inproc://monitor-{uuid.uuid4().hex}") if monitor else None
         self.socket.connect(address)
         self.delimiter = delimiter and socket_type == zmq.DEALER
 
@@ -56,7 +65,32 @@ class RawClient:
         self.send_body(sim_client.encode(dict(fields, method=method)))
         return self.receive(timeout_ms)
 
+    def wait_for_event(self, events: int, timeout_s: float = 30.0) -> Optional[dict]:
+        """The first socket event among `events` (zmq.EVENT_* flags) within `timeout_s`, or None:
+        how a test sees the server refuse or drop this connection, rather than inferring it from silence.
+
+        The monitor stops here: events nobody reads would fill its queue, and libzmq then blocks the
+        context's I/O thread, stalling every socket of this process.
+        """
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self.monitor.poll(100):
+                    event = zmq.utils.monitor.recv_monitor_message(self.monitor)
+                    if event["event"] & events:
+                        return event
+            return None
+        finally:
+            self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+
     def close(self) -> None:
+        self._stop_monitor()
         self.socket.close(linger=0)
 
 
@@ -125,7 +159,8 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    """Whether `predicate` came true within `timeout_s`: a bound on a real hang, not a speed test."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -139,6 +174,20 @@ def children_of(pid: int) -> List[int]:
     return [int(line) for line in out.split()]
 
 
+# --- pytest plugin (pytest.ini loads this module with -p) --------------------
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every LIBERO test in one xdist group (they share a server and a session), every Ray test in
+    another (they share a Ray head): each group runs on one worker, one test after another."""
+    import pytest
+
+    for item in items:
+        if item.get_closest_marker("libero"):
+            item.add_marker(pytest.mark.xdist_group("libero"))
+        elif item.name.startswith("test_ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 # --- LIBERO in-process, as the reference a server is compared with ------------
 
 def libero_suite(name: str):
@@ -148,8 +197,8 @@ def libero_suite(name: str):
 
 
 def in_process_env(suite_name: str, task_index: int, size: int):
-    """(OffScreenRenderEnv, task name, init states) as an in-process evaluation builds them."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    """(OffScreenRenderEnv, task name, init states) as an in-process evaluation builds them (set MUJOCO_GL
+    first: egl or osmesa)."""
     from libero.libero import get_libero_path
     from libero.libero.envs import OffScreenRenderEnv
 

@@ -1,15 +1,17 @@
 """Tests for the simulator server, its backends and its client: real server processes over real
 sockets (harness_sim.py), real simulators, grouped by capability.
 
-    python -m pytest test_sim.py                 # everything, LIBERO included (what CI runs)
-    python -m pytest test_sim.py -m "not libero"  # the quick run: no LIBERO
-    python -m pytest test_sim.py -m "not libero and not slow"
+    python -m pytest test_sim.py                            # everything, LIBERO included (what CI runs)
+    python -m pytest test_sim.py -m "not libero and not slow and not browser"   # the quick run
 
-Markers: `libero` needs LIBERO (and renders); `slow` starts other real simulators or soaks.
+Markers (pytest.ini): `libero` needs LIBERO (and renders); `slow` starts other real simulators, a Ray
+cluster, or builds a venv from PyPI; `browser` opens headless Chromium. Waits are for states
+(wait_until with a generous bound), never for a fixed time or a count of events in a window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -27,9 +29,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sim_client
-import sim_eval
 import sim_server
 from backends.base import InvalidParams
+from evaluation.policies import Policy, PolicyBatcher, load_policy
+from evaluation.report import summarize, wilson_interval
+from evaluation.runner import Evaluation, EvaluationSettings
+from evaluation.videos import VideoWriter
 from harness_sim import (
     HERE,
     REPLY_TIMEOUT_MS,
@@ -43,6 +48,7 @@ from harness_sim import (
     running_server,
     wait_until,
 )
+from server.workers import MAX_TASKS_PER_WORKER
 
 # --- shared fixtures and assertions ------------------------------------------
 
@@ -68,6 +74,14 @@ def assert_same_observations(remote: list, local: list) -> None:
 def mock_server():
     with running_server("mock", "--step-timeout", "5", env={"SIM_MOCK_IMAGE_SIZE": "64"}) as server:
         yield server
+
+
+@pytest.fixture
+def in_process_gl(monkeypatch):
+    """MuJoCo's offscreen renderer for a simulator built in the test process: MUJOCO_GL as set, else EGL."""
+    renderer = os.environ.get("MUJOCO_GL", "egl")
+    monkeypatch.setenv("MUJOCO_GL", renderer)
+    monkeypatch.setenv("PYOPENGL_PLATFORM", renderer)
 
 
 @pytest.fixture
@@ -215,7 +229,7 @@ def test_session_cap_answers_server_busy():
 
 
 def test_second_request_while_one_runs_is_server_busy(raw):
-    raw.request("load_task", task_name="reach_center", step_sleep_s=0.5)
+    raw.request("load_task", task_name="reach_center", step_sleep_s=2.0)  # still running when the reset comes
     raw.request("reset")
     raw.send_body(sim_client.encode({"method": "step", "action": ZERO_ACTION, "request_id": 1}))
     busy = raw.request("reset", request_id=2)
@@ -275,11 +289,13 @@ def test_odd_frame_shapes_get_an_error_and_server_goes_on(mock_server):
 
 def test_oversize_request_is_dropped_without_harming_others():
     with running_server("mock", "--max-request-bytes", "100000", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
-        victim, attacker = server.client(), server.client()
+        victim, attacker = server.client(), server.client(monitor=True)
         victim.request("load_task", task_name="reach_center")
         attacker.send_body(b"\x00" * 200_000)
-        assert not attacker.socket.poll(500)  # libzmq drops the connection, no reply
+        assert attacker.wait_for_event(zmq.EVENT_DISCONNECTED), "libzmq drops the sender's connection"
+        assert not attacker.socket.poll(0)  # and no reply came
         assert victim.request("reset")["status"] == "ok"
+        attacker.close()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -378,7 +394,7 @@ def test_simulator_crash_mid_step_answers_the_pending_request(raw):
 
 def test_slow_step_does_not_stall_other_sessions(mock_server):
     slow, other = mock_server.client(), mock_server.client()
-    slow.request("load_task", task_name="reach_center", step_sleep_s=1.0)
+    slow.request("load_task", task_name="reach_center", step_sleep_s=3.0)  # a margin for a busy machine
     slow.request("reset")
     other.request("load_task", task_name="reach_center")
     other.request("reset")
@@ -408,21 +424,23 @@ def test_hung_simulator_is_killed_after_step_timeout():
 def test_idle_session_is_reaped_with_its_process():
     with running_server("mock", "--session-timeout", "1", env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
         client = server.client()
-        client.request("load_task", task_name="reach_center")
-        info = client.request("get_info")
-        assert wait_until(lambda: not pid_alive(info["sim_pid"]))
+        first = client.request("get_info")["session_id"]
+        assert client.request("load_task", task_name="reach_center")["status"] == "ok"
+        simulators = children_of(server.process.pid)  # read from the OS: the session may be reaped already
+        assert len(simulators) == 1
+        assert wait_until(lambda: not pid_alive(simulators[0]))
         after = client.request("get_info")
-        assert after["session_id"] != info["session_id"] and after["sim_pid"] is None
+        assert after["session_id"] != first and after["sim_pid"] is None
 
 
 def test_a_session_that_keeps_switching_tasks_gets_a_fresh_simulator_process(raw):
     raw.request("load_task", task_name="reach_center")
     first_pid = raw.request("get_info")["sim_pid"]
     pids = []
-    for switch in range(sim_server.MAX_TASKS_PER_WORKER + 1):
+    for switch in range(MAX_TASKS_PER_WORKER + 1):
         assert raw.request("load_task", task_name=["reach_corner", "reach_floor"][switch % 2])["status"] == "ok"
         pids.append(raw.request("get_info")["sim_pid"])
-    assert pids[:-1] == [first_pid] * sim_server.MAX_TASKS_PER_WORKER
+    assert pids[:-1] == [first_pid] * MAX_TASKS_PER_WORKER
     assert pids[-1] != first_pid
     assert wait_until(lambda: not pid_alive(first_pid))
     assert raw.request("reset")["status"] == "ok"
@@ -435,7 +453,7 @@ def test_sigterm_closes_every_simulator_and_exits_zero():
         for client in clients:
             client.request("load_task", task_name="reach_center")
         pids = [client.request("get_info")["sim_pid"] for client in clients]
-        children = children_of(server.process.pid)  # the simulators and multiprocessing's resource tracker
+        children = children_of(server.process.pid)  # the simulator processes
         assert set(pids) <= set(children)
     finally:
         exit_code = server.stop()
@@ -473,7 +491,7 @@ def test_client_resumes_its_session_across_dropped_connections_without_losing_a_
         reference.load_task("reach_corner")
         reference.reset(init_state_index=3)
         expected = [reference.step(a) for a in actions]
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.25, retries=6)
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.25, retries=40)
     try:
         sim.load_task("reach_corner", step_sleep_s=0.6)  # every step outlasts a timeout: the socket is rebuilt
         sim.reset(init_state_index=3)
@@ -489,12 +507,17 @@ def test_client_resumes_its_session_across_dropped_connections_without_losing_a_
 def test_a_second_connection_presenting_a_live_sessions_identity_gets_nothing(mock_server):
     identity = sim_client.new_identity()
     victim = mock_server.client(routing_id=identity)
-    thief = mock_server.client(routing_id=identity)
+    thief = mock_server.client(routing_id=identity, monitor=True)
     try:
         victim.request("load_task", task_name="reach_center")
-        thief.send_body(sim_client.encode({"method": "get_info"}))
-        assert not thief.socket.poll(800)  # libzmq refuses a duplicate routing id (no ROUTER_HANDOVER)
-        assert victim.request("get_info")["current_task"] == "reach_center"
+        sessions = victim.request("get_info")["active_sessions"]
+        assert thief.wait_for_event(zmq.EVENT_HANDSHAKE_SUCCEEDED), "the thief's connection is up"
+        thief.send_body(sim_client.encode({"method": "load_task", "task_name": "reach_floor"}))
+        for _ in range(3):  # the loop has served the victim since: the thief's request was held, not slow
+            info = victim.request("get_info")
+        # libzmq ignores a duplicate routing id (the server leaves ROUTER_HANDOVER off): no reply, no session
+        assert not thief.socket.poll(0) and info["active_sessions"] == sessions
+        assert info["current_task"] == "reach_center"
     finally:
         victim.request("disconnect")
         victim.close()
@@ -540,15 +563,23 @@ def test_curve_admits_only_listed_client_keys(curve_keys):
             sim.load_task("reach_center")
             assert sim.reset()[0]["state"].shape == (4,)
             sessions_before = sim.get_info()["active_sessions"]
-            plain = server.client()  # no CURVE at all
+            plain = server.client(monitor=True)  # no CURVE at all
             plain.send_body(sim_client.encode({"method": "load_task", "task_name": "reach_center"}))
-            assert not plain.socket.poll(800)
+            failed = plain.wait_for_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            assert failed is not None, "a client without CURVE fails the handshake"
             plain.close()
-            intruder = sim_client.SimulatorClient(server.address, timeout_s=0.8, server_key=keys["server_key"],
-                                                  client_key=str(stranger / "client.key_secret"), retries=0)
-            with pytest.raises(sim_client.ServerTimeout, match="CURVE keys"):
-                intruder.load_task("reach_center")
-            intruder.disconnect()
+            intruder = server.client(curve=curve_triple(folder / "server.key", stranger / "client.key_secret"),
+                                     monitor=True)
+            intruder.send_body(sim_client.encode({"method": "load_task", "task_name": "reach_center"}))
+            refused = intruder.wait_for_event(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            assert refused is not None and refused["value"] == 400, "ZAP refuses a key it does not list"
+            intruder.close()
+            stranger_client = sim_client.SimulatorClient(server.address, timeout_s=0.8, retries=0,
+                                                         server_key=keys["server_key"],
+                                                         client_key=str(stranger / "client.key_secret"))
+            with pytest.raises(sim_client.ServerTimeout, match="CURVE keys"):  # refusals are silent: say keys
+                stranger_client.load_task("reach_center")
+            stranger_client.disconnect()
             info = sim.get_info()
             assert info["active_sessions"] == sessions_before and info["simulator_sessions"] == 1
     finally:
@@ -569,6 +600,33 @@ def test_binding_beyond_loopback_without_curve_warns(tmp_path):
     assert "without CURVE" in log_path.read_text()
 
 
+def curve_triple(server_key, client_secret_key) -> tuple:
+    """(server public, client public, client secret) for a RawClient, from key files."""
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(str(server_key))
+    return (server_public, *zmq.auth.load_certificate(str(client_secret_key)))
+
+
+def request_once_admitted(server, identity: bytes, curve: tuple, method: str, **fields) -> dict:
+    """One request on a new connection that presents `identity`, sent again on a fresh connection until
+    the server has let the previous holder's connection go (it does so when it sees it close)."""
+    replies = []
+
+    def answered() -> bool:
+        client = server.client(routing_id=identity, curve=curve)
+        try:
+            client.send_body(sim_client.encode(dict(fields, method=method)))
+            if client.socket.poll(2000):
+                replies.append(client.receive())
+        finally:
+            client.close()
+        return bool(replies)
+
+    assert wait_until(answered), f"no connection presenting the identity was answered ({method})"
+    return replies[0]
+
+
 def test_curve_session_stays_with_the_key_that_opened_it(curve_keys, tmp_path):
     folder, allowed, stranger = curve_keys
     both = tmp_path / "both"
@@ -576,24 +634,20 @@ def test_curve_session_stays_with_the_key_that_opened_it(curve_keys, tmp_path):
     (both / "client.key").write_bytes((folder / "client.key").read_bytes())
     (both / "stranger.key").write_bytes((stranger / "client.key").read_bytes())
     victim_keys = {"server_key": str(folder / "server.key"), "client_key": str(folder / "client.key_secret")}
-    other_keys = {"server_key": str(folder / "server.key"), "client_key": str(stranger / "client.key_secret")}
     server = ServerProcess("mock", "--curve-secret-key", str(folder / "server.key_secret"), "--curve-clients",
                            str(both), env={"SIM_MOCK_IMAGE_SIZE": "8"}, probe_keys=victim_keys)
+    victim_curve = curve_triple(folder / "server.key", folder / "client.key_secret")
+    thief_curve = curve_triple(folder / "server.key", stranger / "client.key_secret")
+    identity = sim_client.new_identity()
     try:
-        victim = sim_client.SimulatorClient(server.address, timeout_s=5, **victim_keys)
-        victim.load_task("reach_center")
-        victim._socket.close(linger=0)
-        time.sleep(0.3)
-        thief = sim_client.SimulatorClient(server.address, timeout_s=5, **other_keys)
-        thief.identity = victim.identity  # presents the victim's capability with another key
-        thief._reconnect()
-        with pytest.raises(sim_client.InvalidParams, match="another client key"):
-            thief.get_info()
-        thief._socket.close(linger=0)
-        time.sleep(0.3)
-        victim._connect()
-        assert victim.get_info()["current_task"] == "reach_center"
-        victim.disconnect()
+        victim = server.client(routing_id=identity, curve=victim_curve)
+        assert victim.request("load_task", task_name="reach_center")["status"] == "ok"
+        victim.close()
+        # the victim's capability presented with another listed key: refused, the session untouched
+        reply = request_once_admitted(server, identity, thief_curve, "get_info")
+        assert_error(reply, "invalid_params")
+        assert "another client key" in reply["message"]
+        assert request_once_admitted(server, identity, victim_curve, "get_info")["current_task"] == "reach_center"
     finally:
         server.stop()
 
@@ -649,6 +703,24 @@ def test_help_documents_every_setting_with_its_env_var():
     assert "now 42.0" in out
 
 
+SCRIPTS = ["sim_server.py", "sim_client.py", "sim_eval.py", "parity_sim.py", "bench_sim.py", "soak_sim.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_help_exits_0_and_describes_it(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script}") and "--help" in result.stdout and not result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_bad_flag_is_one_line_and_exit_2(script):
+    required = ["--in-process"] if script == "parity_sim.py" else []  # argparse reports a missing choice first
+    result = subprocess.run([sys.executable, script, *required, "--no-such-flag"], cwd=HERE, capture_output=True,
+                            text=True, timeout=60)
+    assert_one_line_exit_2(result, f"{script}: ", "--no-such-flag", "--help")
+
+
 def test_flags_override_env_which_overrides_defaults(monkeypatch):
     monkeypatch.setenv("SIM_SESSION_TIMEOUT_S", "12")
     monkeypatch.setenv("SIM_BIND_ADDRESS", "tcp://127.0.0.1:7000")
@@ -688,7 +760,6 @@ def test_client_raises_typed_errors(mock_server):
         assert result["info"]["step"] == 1 and observation["image"].dtype == np.uint8
         with pytest.raises(sim_client.UnknownMethod):
             sim.call("teleport")
-        assert issubclass(sim_client.ServerBusy, sim_client.ServerError)
 
 
 def test_ping_returns_the_round_trip_and_every_server_error_type_has_its_own_exception(mock_server):
@@ -717,18 +788,18 @@ def test_client_says_soon_and_clearly_when_nothing_ever_answered():
 
 
 def test_a_server_that_answered_once_keeps_the_liveness_rules(mock_server):
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3, first_contact_timeout_s=0.5)
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=1.0, first_contact_timeout_s=1.5)
     try:
         sim.ping()
-        sim.load_task("reach_center", load_sleep_s=1.5)  # longer than first contact: pings keep it alive
+        sim.load_task("reach_center", load_sleep_s=3.0)  # longer than first contact: pings keep it alive
         assert sim.reset()[1]["step"] == 0
     finally:
         sim.disconnect()
 
 
 def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3)
-    sim.load_task("reach_center", step_sleep_s=1.0)
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.5)
+    sim.load_task("reach_center", step_sleep_s=2.0)  # longer than all three tries: its reply comes late
     sim.reset()
     with pytest.raises(sim_client.ServerTimeout):
         sim.step(ZERO_ACTION)
@@ -761,17 +832,49 @@ def test_client_runs_on_python_38_syntax():
     assert optional == set()  # the client needs nothing beyond pyzmq, msgpack and numpy
 
 
-def test_the_client_runs_a_whole_lifecycle_on_the_oldest_python_it_claims(mock_server):
-    """CI points SIM_TEST_CLIENT_PYTHON at a Python 3.8 venv holding only pyzmq, msgpack and numpy."""
-    python = os.environ.get("SIM_TEST_CLIENT_PYTHON", sys.executable)
-    result = subprocess.run([python, "sim_client.py", "--address", mock_server.address, "--steps", "3"], cwd=HERE,
-                            capture_output=True, text=True, timeout=120)
+OLDEST_PYTHON = "3.8"  # the oldest Python sim_client.py claims
+OLDEST_PYTHON_VENV = os.path.join(HERE, ".test_venvs", f"client-{OLDEST_PYTHON}")
+
+
+def find_python(version: str):
+    """An interpreter of `version`: pyenv's newest patch release, else pythonX.Y on PATH, else None."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob(os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")),
+                                          "versions", f"{version}.*", "bin", "python")))
+    return found[-1] if found else shutil.which(f"python{version}")
+
+
+@pytest.fixture(scope="session")
+def oldest_python():
+    """A Python 3.8 venv holding only pyzmq, msgpack and numpy, made once (from PyPI) and kept; or the
+    interpreter SIM_TEST_CLIENT_PYTHON names."""
+    if os.environ.get("SIM_TEST_CLIENT_PYTHON"):
+        return os.environ["SIM_TEST_CLIENT_PYTHON"]
+    python = os.path.join(OLDEST_PYTHON_VENV, "bin", "python")
+    if not os.path.exists(python):
+        base = find_python(OLDEST_PYTHON)
+        if base is None:
+            pytest.skip(f"NO PYTHON {OLDEST_PYTHON} HERE: the client's oldest-Python tests did not run "
+                        "(pyenv install 3.8, or set SIM_TEST_CLIENT_PYTHON)")
+        subprocess.run([base, "-m", "venv", OLDEST_PYTHON_VENV], check=True, timeout=300)
+        subprocess.run([python, "-m", "pip", "install", "-q", "pyzmq", "msgpack", "numpy"], check=True, timeout=600)
+    return python
+
+
+def python_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import platform; print(platform.python_version())"], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.slow
+def test_the_client_runs_a_whole_lifecycle_on_the_oldest_python_it_claims(mock_server, oldest_python):
+    assert python_version(oldest_python).startswith(OLDEST_PYTHON + ".")
+    result = subprocess.run([oldest_python, "sim_client.py", "--address", mock_server.address, "--steps", "3"],
+                            cwd=HERE, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "steps: 3" in result.stdout and "image" in result.stdout
-    if "SIM_TEST_CLIENT_PYTHON" in os.environ:
-        version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
-                                 text=True).stdout
-        assert version.strip() == "(3, 8)"
 
 
 def test_readme_set_up_and_test_commands_are_the_ones_ci_runs():
@@ -786,10 +889,48 @@ def test_readme_set_up_and_test_commands_are_the_ones_ci_runs():
     assert commands[1] in ci.splitlines()
 
 
+def documented_commands() -> list:
+    """(file, command) for every line of a bash block in README.md and docs/*.md, continuations joined."""
+    import glob
+    import re
+
+    commands = []
+    for path in [os.path.join(HERE, "README.md")] + sorted(glob.glob(os.path.join(HERE, "docs", "*.md"))):
+        with open(path) as page:
+            text = page.read()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                command = re.sub(r"\s+#.*$", "", line).strip()
+                if command and not command.startswith("#"):
+                    commands.append((os.path.basename(path), command))
+    return commands
+
+
+def test_every_documented_command_runs_a_script_of_ours_with_flags_it_has():
+    import shlex
+
+    helps = {}
+    checked = 0
+    for page, command in documented_commands():
+        words = shlex.split(command.replace("$HOME", "~"))
+        for index, word in enumerate(words):
+            if not (word.endswith(".py") and index and words[index - 1].endswith("python")):
+                continue
+            script = os.path.join(HERE, word)
+            assert os.path.exists(script), f"{page}: {command!r} runs {word}, which is not here"
+            if word not in helps:
+                helps[word] = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
+                                             text=True, timeout=60).stdout
+            for flag in [w.split("=")[0] for w in words[index + 1:] if w.startswith("--") and " " not in w]:
+                assert flag in helps[word], f"{page}: {command!r}: {word} has no {flag}"
+            checked += 1
+    assert checked >= 20  # the README and the docs are full of them
+
+
 def test_client_recovers_after_server_restart():
     address = f"tcp://127.0.0.1:{free_port()}"
     server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"}, address=address)
-    sim = sim_client.SimulatorClient(address, timeout_s=0.5, retries=1)
+    sim = sim_client.SimulatorClient(address, timeout_s=1.0, retries=1)
     try:
         sim.load_task("reach_center")
         sim.reset()
@@ -809,9 +950,9 @@ def test_client_recovers_after_server_restart():
 
 def test_long_load_is_not_mistaken_for_a_dead_server(mock_server):
     """The first call, so also not for an empty address: first contact is min(10 s, timeout_s) here."""
-    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.3, load_timeout_s=30)
+    sim = sim_client.SimulatorClient(mock_server.address, timeout_s=1.0, load_timeout_s=30)
     try:
-        assert sim.load_task("reach_center", load_sleep_s=1.2)["task_name"] == "reach_center"
+        assert sim.load_task("reach_center", load_sleep_s=2.5)["task_name"] == "reach_center"
     finally:
         sim.disconnect()
 
@@ -820,7 +961,7 @@ def test_frozen_server_is_detected_during_a_long_load():
     server = ServerProcess("mock", env={"SIM_MOCK_IMAGE_SIZE": "8"})
     sim = sim_client.SimulatorClient(server.address, timeout_s=0.5, load_timeout_s=60, retries=0)
     try:
-        sim.ping()
+        sim.ping(timeout_s=60)  # answered, however busy the machine: from now on the server is known alive
         server.process.send_signal(signal.SIGSTOP)
         with pytest.raises(sim_client.ServerTimeout, match="nor to a ping"):
             sim.load_task("reach_center", load_sleep_s=10.0)
@@ -832,33 +973,37 @@ def test_frozen_server_is_detected_during_a_long_load():
 
 # --- evaluation runner -------------------------------------------------------
 
+def kill_once_running(server: ServerProcess, results_path) -> None:
+    """SIGKILL `server` once the run has recorded its first episode, so the kill lands mid-run."""
+    assert wait_until(lambda: results_path.exists() and json.loads(results_path.read_text())["episodes"])
+    server.process.kill()
+
+
 def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_path):
-    # 20 episodes of about 0.2 s over 2 sessions: the kill at 0.8 s lands mid-run.
-    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "10"}
+    env = {"SIM_MOCK_IMAGE_SIZE": "16", "SIM_MOCK_EPISODE_STEPS": "10", "SIM_MOCK_STEP_MS": "5"}
     doomed, survivor = ServerProcess("mock", env=env), ServerProcess("mock", env=env)
     results_path = tmp_path / "results.json"
     try:
-        killer = threading.Timer(0.8, doomed.process.kill)
+        settings = EvaluationSettings(addresses=[doomed.address, survivor.address], tasks=["reach_center",
+                                      "reach_floor"], episodes=10, parallel=2, results_path=str(results_path),
+                                      videos=VideoWriter(str(tmp_path / "videos")), timeout_s=1.0)
+        evaluation = Evaluation(settings, load_policy("random"))
+        killer = threading.Thread(target=kill_once_running, args=(doomed, results_path))
         killer.start()
-        evaluation = sim_eval.Evaluation([doomed.address, survivor.address], sim_eval.load_policy("random"),
-                                           ["reach_center", "reach_floor"], episodes=10, parallel=2,
-                                           results_path=str(results_path),
-                                           videos=sim_eval.VideoWriter(str(tmp_path / "videos")),
-                                           timeout_s=0.5)
         results = evaluation.run()
         killer.join()
     finally:
         doomed.stop()
         survivor.stop()
-    assert sorted((r["task"], r["init_state_index"]) for r in results) == \
+    assert sorted((r.task, r.init_state_index) for r in results) == \
         sorted((t, i) for t in ["reach_center", "reach_floor"] for i in range(10))
-    assert all(r["steps"] == 20 or r["success"] for r in results)
+    assert all(r.steps == 10 or r.success for r in results)
     assert evaluation.retried, "the killed server's in-flight episodes must be retried"
-    assert any(r["attempts"] > 1 and r["address"] == survivor.address for r in results)
+    assert any(r.attempts > 1 and r.address == survivor.address for r in results)
     saved = json.loads(results_path.read_text())
     assert len(saved["episodes"]) == 20 and saved["retried"]
-    assert all(os.path.exists(r["video"]) for r in results)
-    rows = sim_eval.summarize(results)
+    assert all(os.path.exists(r.video) for r in results)
+    rows = summarize(results)
     assert rows[-1][0] == "overall" and rows[-1][1] == 20 and rows[-1][3] <= rows[-1][2] <= rows[-1][4]
 
 
@@ -881,8 +1026,8 @@ def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
 
 def test_results_file_records_servers_and_the_task_settings_that_decide_the_score(tmp_path, mock_server):
     results_path = tmp_path / "results.json"
-    sim_eval.Evaluation([mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=1,
-                          results_path=str(results_path)).run()
+    Evaluation(EvaluationSettings(addresses=[mock_server.address], tasks=["reach_center"], episodes=1,
+                                  results_path=str(results_path)), load_policy("zero")).run()
     saved = json.loads(results_path.read_text())
     server = saved["servers"][mock_server.address]
     assert server["backend_name"] == "mock" and server["server_version"] == sim_server.SERVER_VERSION
@@ -900,6 +1045,7 @@ def assert_one_line_exit_2(result: subprocess.CompletedProcess, *fragments: str)
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_missing_simulator_packages_are_named_not_the_renderer(openpi_python):
     """The openpi test venv has numpy, msgpack and pyzmq but no MuJoCo, robosuite or LIBERO."""
     for simulator, missing in (("libero", "mujoco==3.2.3"), ("robosuite", "robosuite==1.4.0")):
@@ -992,14 +1138,14 @@ def test_batched_policy_gets_several_sessions_at_once_and_each_its_own_action(sh
         time.sleep(0.05)  # like one GPU forward pass
         return [np.full(7, 0.1 * (obs["state"][0] > 0)) for obs in observations]
 
-    policy = sim_eval.Policy(sim_eval.PolicyBatcher(act_batch, batch_size=4, wait_ms=50))
-    evaluation = sim_eval.Evaluation([short_mock_server.address], policy, ["reach_center", "reach_floor"],
-                                     episodes=2, parallel=4)
+    policy = Policy(PolicyBatcher(act_batch, batch_size=4, wait_ms=1000))  # a batch waits for all four sessions
+    settings = EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center", "reach_floor"],
+                                  episodes=2, parallel=4)
     try:
-        results = evaluation.run()
+        results = Evaluation(settings, policy).run()
     finally:
         policy.close()
-    assert len(results) == 4 and all(r["steps"] == 6 and r["failure"] == "horizon" for r in results)
+    assert len(results) == 4 and all(r.steps == 6 and r.failure == "horizon" for r in results)
     assert sum(batches) == 4 * 6 and max(batches) > 1 and len(batches) < 24
 
 
@@ -1007,14 +1153,14 @@ def test_batched_policy_that_raises_fails_every_episode_in_its_batch_and_the_run
     def broken(observations, task_infos):
         raise RuntimeError("out of GPU memory")
 
-    policy = sim_eval.Policy(sim_eval.PolicyBatcher(broken, batch_size=2, wait_ms=20))
+    policy = Policy(PolicyBatcher(broken, batch_size=2, wait_ms=20))
     try:
-        results = sim_eval.Evaluation([short_mock_server.address], policy, ["reach_center"], episodes=2,
-                                      parallel=2).run()
+        results = Evaluation(EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center"],
+                                                episodes=2, parallel=2), policy).run()
     finally:
         policy.close()
-    assert [r["failure"] for r in results] == ["policy_error", "policy_error"]
-    assert all("out of GPU memory" in r["error"] for r in results)
+    assert [r.failure for r in results] == ["policy_error", "policy_error"]
+    assert all("out of GPU memory" in r.error for r in results)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1043,17 +1189,82 @@ def test_unreachable_server_or_policy_server_is_one_line_and_exit_2(short_mock_s
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_batched_policy_that_hangs_fails_its_episode_with_policy_timeout_and_the_run_goes_on(short_mock_server):
+    release, resets = threading.Event(), []
+
+    def reset(task_info):
+        resets.append(task_info["task_name"])
+        if len(resets) == 2:
+            release.set()  # the second episode frees the first one's hung forward pass
+
+    def act_batch(observations, task_infos):
+        release.wait(120)  # the first forward pass hangs past the policy timeout
+        return [np.zeros(7) for _ in observations]
+
+    policy = Policy(PolicyBatcher(act_batch, batch_size=1, wait_ms=1, timeout_s=2.0), reset=reset)
+    settings = EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center"], episodes=2)
+    try:
+        results = sorted(Evaluation(settings, policy).run(), key=lambda r: r.init_state_index)
+    finally:
+        policy.close()
+    assert [r.failure for r in results] == ["policy_timeout", "horizon"]
+    assert "no action within 2 s" in results[0].error and results[1].steps == 6
+
+
+@contextlib.contextmanager
+def silent_policy_server():
+    """A websocket server that greets like openpi's (one metadata frame), then reads and never answers."""
+    from websockets.sync.server import serve
+
+    from evaluation.openpi import openpi_pack
+
+    received = []
+
+    def handler(connection):
+        connection.send(openpi_pack({"policy": "silent"}))
+        for message in connection:
+            received.append(len(message))
+
+    server = serve(handler, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.socket.getsockname()[1], received
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def test_an_openpi_policy_server_that_never_answers_is_a_policy_timeout_not_a_hang():
+    from evaluation import PolicyTimeout
+
+    observation = {"agentview_image": np.zeros((64, 64, 3), np.uint8),
+                   "robot0_eye_in_hand_image": np.zeros((64, 64, 3), np.uint8), "state": np.zeros(8)}
+    with silent_policy_server() as (port, received):
+        policy = load_policy(f"openpi://127.0.0.1:{port}", timeout_s=0.5)
+        assert policy.load_options == {"convention": "openpi"}
+        for _ in range(2):  # a timed-out call drops its connection; the next one connects anew
+            with pytest.raises(PolicyTimeout, match="sent no actions within 0.5 s"):
+                policy.act(observation, {"language": "pick it up"})
+        assert len(received) == 2
+
+
+def test_a_request_the_loop_admits_reaches_the_simulator_under_the_same_limit():
+    """The loop decodes and checks a request once; the simulator process never applies a limit of its own."""
+    with running_server("mock", "--max-request-bytes", str(8 * 2**20), env={"SIM_MOCK_IMAGE_SIZE": "8"}) as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        client.request("reset")
+        reply = client.request("step", action=np.zeros(700_000))  # 5.6 MB: above the 4 MiB default
+        assert_error(reply, "invalid_params")
+        assert "must have shape [7], got [700000]" in reply["message"]  # the backend's check, not a decode error
+
+
 def test_a_finished_run_leaves_no_session_holding_a_simulator(short_mock_server):
-    sim_eval.Evaluation([short_mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=3,
-                        parallel=3).run()
+    Evaluation(EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center"], episodes=3,
+                                  parallel=3), load_policy("zero")).run()
     with sim_client.SimulatorClient(short_mock_server.address, timeout_s=30) as sim:
         assert wait_until(lambda: sim.get_info()["simulator_sessions"] == 0, 10)
-
-
-def test_client_cli_points_eval_to_sim_eval():
-    result = subprocess.run([sys.executable, "sim_client.py", "eval", "--episodes", "1"], cwd=HERE,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "sim_eval.py" in result.stderr
 
 
 OPENPI_VENV = os.path.join(HERE, ".test_venvs", "openpi")
@@ -1098,12 +1309,13 @@ def openpi_python():
     return python
 
 
+@pytest.mark.slow
 def test_openpi_images_equal_openpi_clients_own_resize_with_pad(openpi_python):
-    code = ("import numpy as np, sim_eval; from openpi_client import image_tools\n"
+    code = ("import numpy as np; from evaluation.openpi import resize_with_pad; from openpi_client import image_tools\n"
             "rng = np.random.default_rng(0)\n"
             "for shape in [(256, 256, 3), (128, 128, 3), (64, 64, 3), (240, 320, 3), (300, 200, 3), (224, 224, 3)]:\n"
             "    image = rng.integers(0, 256, shape, dtype=np.uint8)\n"
-            "    ours = sim_eval.resize_with_pad(image, 224)\n"
+            "    ours = resize_with_pad(image, 224)\n"
             "    theirs = image_tools.convert_to_uint8(image_tools.resize_with_pad(image, 224, 224))\n"
             "    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), shape\n"
             "print('same')\n")
@@ -1154,7 +1366,7 @@ def socket_accepts(port: int) -> bool:
 @pytest.mark.parametrize("successes, episodes, low, high", [(45, 50, 0.7864, 0.9565), (0, 10, 0.0, 0.2775),
                                                             (10, 10, 0.7225, 1.0), (25, 50, 0.3664, 0.6336)])
 def test_wilson_interval_matches_published_values(successes, episodes, low, high):
-    interval = sim_eval.wilson_interval(successes, episodes)
+    interval = wilson_interval(successes, episodes)
     assert interval == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
 
 
@@ -1190,12 +1402,10 @@ def test_lerobot_json_has_lerobots_eval_info_shape(tmp_path, short_mock_server):
     assert info["overall"]["n_episodes"] == 4 and info["per_group"]["tasks"]["n_episodes"] == 4
 
 
-def test_libero_frames_are_turned_upright_unless_the_convention_already_did():
+def test_frames_are_turned_upright_when_the_task_says_they_are_rotated():
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    standard = {"suite": "libero_spatial", "flip_images": False}
-    openpi = {"suite": "libero_spatial", "flip_images": True}
-    assert np.array_equal(sim_client.upright(image, standard), image[::-1, ::-1])
-    assert np.array_equal(sim_client.upright(image, openpi), image)
+    assert np.array_equal(sim_client.upright(image, {"images_rotated_180": True}), image[::-1, ::-1])
+    assert np.array_equal(sim_client.upright(image, {"images_rotated_180": False}), image)
     assert np.array_equal(sim_client.upright(image, {"task_name": "reach_center"}), image)
 
 
@@ -1205,37 +1415,57 @@ def test_videos_are_mp4_named_by_outcome_never_overwritten_and_show_the_chosen_c
 
     videos = tmp_path / "videos"
     for _ in range(2):
-        writer = sim_eval.VideoWriter(str(videos), camera="wrist_image")
-        sim_eval.Evaluation([short_mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=1,
-                            videos=writer).run()
+        writer = VideoWriter(str(videos), camera="wrist_image")
+        Evaluation(EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center"], episodes=1,
+                                      videos=writer), load_policy("zero")).run()
     assert sorted(os.listdir(videos)) == ["reach_center__init000__horizon.mp4", "reach_center__init000__horizon__2.mp4"]
     with sim_client.SimulatorClient(short_mock_server.address, timeout_s=30) as sim:
         sim.load_task("reach_center")
         wrist = sim.reset(seed=0)[0]["wrist_image"]
-    monkeypatch.setattr(sim_eval.VideoWriter, "extension", staticmethod(lambda: ".gif"))
-    failed_only = sim_eval.VideoWriter(str(tmp_path / "gifs"), camera="wrist_image", failed_only=True)
-    sim_eval.Evaluation([short_mock_server.address], sim_eval.load_policy("zero"), ["reach_center"], episodes=1,
-                        videos=failed_only).run()
+    monkeypatch.setattr(VideoWriter, "extension", staticmethod(lambda: ".gif"))
+    failed_only = VideoWriter(str(tmp_path / "gifs"), camera="wrist_image", failed_only=True)
+    Evaluation(EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center"], episodes=1,
+                                  videos=failed_only), load_policy("zero")).run()
     gif = tmp_path / "gifs" / "reach_center__init000__horizon.gif"
     assert np.array_equal(np.asarray(imageio.mimread(gif)[0])[..., :3], wrist)  # GIF is lossless at 16x16x216
     assert (videos / "reach_center__init000__horizon.mp4").stat().st_size > 0
 
 
 def test_videos_failed_only_keeps_no_video_of_a_success(tmp_path):
-    writer = sim_eval.VideoWriter(str(tmp_path), failed_only=True)
-    record = {"task": "t", "init_state_index": 0, "success": True}
+    from evaluation.records import EpisodeRecord
+
+    writer = VideoWriter(str(tmp_path), failed_only=True)
+    record = EpisodeRecord(task="t", init_state_index=0, seed=0, success=True, steps=2, failure=None)
     assert writer.save([np.zeros((8, 8, 3), np.uint8)] * 2, record) is None
     assert not os.listdir(tmp_path)
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                           "--disable-sync",
-                           f"--user-data-dir={os.path.join(HERE, '.test_venvs', 'chromium-profile')}", *args],
-                          capture_output=True, text=True, timeout=120)
+    """Headless Chromium (Debian's package) with a fresh profile and no background network."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                               "--disable-sync", f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=120)
 
 
+def dom_when(url: str, condition, what: str) -> str:
+    """The page's DOM as Chromium renders it, dumped again until `condition(dom)` holds: the page fills
+    itself from fetches, and a busy machine may not have done so by the first dump."""
+    doms = [""]
+
+    def rendered() -> bool:
+        doms.append(chromium("--dump-dom", "--virtual-time-budget=3000", url).stdout)
+        return condition(doms[-1])
+
+    assert wait_until(rendered, 120), f"the page never showed {what}; last DOM: {doms[-1][-2000:]}"
+    return doms[-1]
+
+
+@pytest.mark.browser
+@pytest.mark.slow
 def test_html_report_opens_from_disk_in_chromium_with_a_row_per_episode_and_bars(tmp_path, short_mock_server):
     from PIL import Image
 
@@ -1271,19 +1501,51 @@ def step_count_in(dom: str) -> int:
     return int(re.search(r'<td class="step">(\d+)</td>', dom).group(1))
 
 
-@pytest.fixture
-def dashboard_server():
+@contextlib.contextmanager
+def running_dashboard(*args: str):
+    """A mock server with its dashboard on a free port (`server.dashboard` is the page's URL)."""
     port = free_port()
-    with running_server("mock", "--dashboard", str(port), "--session-timeout", "2",
+    with running_server("mock", "--dashboard", str(port), *args,
                         env={"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_EPISODE_STEPS": "100000"}) as server:
         server.dashboard = f"http://127.0.0.1:{port}/"
         yield server
 
 
-def test_dashboard_in_chromium_shows_the_task_growing_steps_and_a_camera_and_survives_a_reap(
-        tmp_path, dashboard_server):
+@pytest.fixture
+def dashboard_server():
+    with running_dashboard() as server:
+        yield server
+
+
+def dashboard_status(server) -> dict:
+    return json.loads(http_get(server.dashboard + "api/status")[1])
+
+
+def shows_the_session(dom: str) -> bool:
+    return ('<td class="task">reach_corner</td>' in dom and 'class="thumb"' in dom
+            and 'src="data:image/png;base64,' in dom and '<td class="step">' in dom)
+
+
+def not_blank(screenshot) -> bool:
     from PIL import Image
 
+    if not os.path.exists(screenshot):
+        return False
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    return pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+@pytest.fixture
+def reaping_dashboard_server():
+    with running_dashboard("--session-timeout", "2") as server:
+        yield server
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_dashboard_in_chromium_shows_the_task_growing_steps_and_a_camera_and_survives_a_reap(
+        tmp_path, reaping_dashboard_server):
+    dashboard_server = reaping_dashboard_server
     stop = threading.Event()
 
     def step_until_stopped():
@@ -1296,37 +1558,35 @@ def test_dashboard_in_chromium_shows_the_task_growing_steps_and_a_camera_and_sur
 
     stepper = threading.Thread(target=step_until_stopped)
     stepper.start()
+    screenshot = tmp_path / "dashboard.png"
     try:
-        assert wait_until(lambda: b'"step": ' in http_get(dashboard_server.dashboard + "api/status")[1])
-        doms = [chromium("--dump-dom", "--virtual-time-budget=3000", dashboard_server.dashboard).stdout
-                for _ in range(2)]
-        screenshot = tmp_path / "dashboard.png"
-        chromium(f"--screenshot={screenshot}", "--window-size=1200,700", "--virtual-time-budget=3000",
-                 dashboard_server.dashboard)
+        assert wait_until(lambda: any((row["step"] or 0) > 0 for row in dashboard_status(dashboard_server)["sessions"]))
+        first = dom_when(dashboard_server.dashboard, shows_the_session, "the stepping session")
+        assert "mock" in first
+        dom_when(dashboard_server.dashboard, lambda dom: shows_the_session(dom) and
+                 step_count_in(dom) > step_count_in(first), "a step count growing between two loads")
+        assert wait_until(lambda: chromium(f"--screenshot={screenshot}", "--window-size=1200,700",
+                                           "--virtual-time-budget=3000", dashboard_server.dashboard)
+                          and not_blank(screenshot))
     finally:
         stop.set()
         stepper.join()
-    for dom in doms:
-        assert '<td class="task">reach_corner</td>' in dom and 'class="thumb"' in dom
-        assert 'src="data:image/png;base64,' in dom and "mock" in dom
-    assert step_count_in(doms[1]) > step_count_in(doms[0])
-    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
-    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not blank
-    assert wait_until(lambda: json.loads(http_get(dashboard_server.dashboard + "api/status")[1])["sessions"] == [])
-    dom = chromium("--dump-dom", "--virtual-time-budget=3000", dashboard_server.dashboard).stdout
-    assert "no sessions" in dom and "sessions in use / max" in dom and '<p class="muted" id="updated">updated ' in dom
+    assert wait_until(lambda: dashboard_status(dashboard_server)["sessions"] == [])  # reaped after 2 s idle
+    dom_when(dashboard_server.dashboard, lambda dom: "no sessions" in dom and "sessions in use / max" in dom
+             and '<p class="muted" id="updated">updated ' in dom, "an empty, updated session table")
 
 
 def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_admin(dashboard_server):
     import socket
 
-    status = json.loads(http_get(dashboard_server.dashboard + "api/status")[1])
+    status = dashboard_status(dashboard_server)
     assert status["server"]["curve"] is False and status["server"]["admin"] is False
     assert "key" not in json.dumps(status).lower()  # nothing secret on the page
     client = dashboard_server.client()
     client.request("load_task", task_name="reach_center")
     session_id = client.request("get_info")["session_id"]
-    row = json.loads(http_get(dashboard_server.dashboard + "api/status")[1])["sessions"][0]
+    assert wait_until(lambda: dashboard_status(dashboard_server)["sessions"])  # the next snapshot has it
+    row = dashboard_status(dashboard_server)["sessions"][0]
     assert row["session_id"] == session_id and row["peer"].startswith("127.0.0.1:") and row["worker_pid"] > 0
     assert http_get(dashboard_server.dashboard + "x" * 3000)[0] == 414  # request line too long
     code, body = http_get(dashboard_server.dashboard + f"api/end?session={session_id}")
@@ -1353,7 +1613,7 @@ def test_dashboard_admin_ends_a_session(tmp_path):
         client.request("load_task", task_name="reach_center")
         info = client.request("get_info")
         code, _ = http_get(f"http://127.0.0.1:{port}/api/end?session={info['session_id']}")
-        assert code == 200
+        assert code == 200  # asked; the loop ends the session at its next tick
         assert wait_until(lambda: not pid_alive(info["sim_pid"]))
         assert client.request("get_info")["session_id"] != info["session_id"]  # a new session
 
@@ -1551,8 +1811,9 @@ def test_short_soak_leaves_the_server_healthy_and_flat():
     from soak_sim import run_soak
 
     result = run_soak(seconds=3, clients=2)
-    assert result["failures"] == 0, result["errors"]
-    assert result["sessions"] > 5 and result["hostile"] > 100 and result["hostile_replies"] > 0
+    assert result["failures"] == 0, result["errors"]  # however many ran on this machine, none failed
+    assert result["sessions"] > 0 and result["hostile"] > 0
+    assert result["hostile_replies"] == result["hostile"]  # every hostile message answered, once
     assert result["server_alive"] and result["exit_code"] == 0
     assert result["simulators_left"] == 0
     assert result["rss_end_kib"] < result["rss_warm_kib"] + 20 * 1024
@@ -1588,8 +1849,58 @@ def check_protocol_conformance(server, task: str, action, bad_action, **load_opt
         client.close()
 
 
-def test_mock_backend_passes_protocol_conformance(mock_server):
-    check_protocol_conformance(mock_server, "reach_center", np.zeros(7), np.zeros(5))
+class BackendContract:
+    """The contract every backend keeps (backends/base.py), over the protocol and in-process.
+
+    A backend's test class sets `simulator`, `task`, `action`, `bad_action` and `load_options`, and
+    gives a `server` fixture serving that simulator (dm_env's test mixin, for our protocol).
+    """
+
+    simulator = ""
+    task = ""
+    action = None
+    bad_action = None
+    load_options: dict = {}
+
+    def backend(self):
+        from backends import get_backend
+
+        return get_backend(self.simulator)()
+
+    def test_passes_the_protocol_flow(self, server):
+        task_info = check_protocol_conformance(server, self.task, self.action, self.bad_action, **self.load_options)
+        assert task_info["simulator_stack"]["python"] == platform.python_version()
+
+    def test_close_is_safe_before_load_and_twice(self):
+        backend = self.backend()
+        backend.close()
+        backend.close()
+
+    def test_reset_or_step_before_load_is_no_task_loaded_in_process(self):
+        from backends.base import NoTaskLoaded
+
+        backend = self.backend()
+        with pytest.raises(NoTaskLoaded):
+            backend.reset()
+        with pytest.raises(NoTaskLoaded):
+            backend.step({"action": np.asarray(self.action)})
+        backend.close()
+
+    def test_lists_tasks_cheaply_and_names_itself(self):
+        backend = self.backend()
+        assert self.task in backend.list_tasks()
+        info = backend.get_info()
+        assert info["backend_name"] == self.simulator and info["backend_version"]
+        assert {"python", "numpy"} <= set(info["simulator_stack"])
+        backend.close()
+
+
+class TestMockContract(BackendContract):
+    simulator, task, action, bad_action = "mock", "reach_center", np.zeros(7), np.zeros(5)
+
+    @pytest.fixture
+    def server(self, mock_server):
+        return mock_server
 
 
 # --- several simulators in one server, each in its own Python -----------------
@@ -1718,6 +2029,7 @@ def old_gymnasium_python():
     return python
 
 
+@pytest.mark.slow
 def test_a_simulator_runs_under_its_own_interpreter_beside_one_under_the_servers(old_gymnasium_python):
     with running_server("mock,gymnasium", "--python", f"gymnasium={old_gymnasium_python}") as server:
         client = server.client()
@@ -1738,21 +2050,21 @@ def test_a_simulator_runs_under_its_own_interpreter_beside_one_under_the_servers
     assert gymnasium.__version__ != "0.29.1"  # so the versions above came from the other venv
 
 
-def test_a_simulator_runs_under_the_oldest_python_the_client_claims():
-    """CI points SIM_TEST_CLIENT_PYTHON at a Python 3.8 venv with numpy and msgpack (and no simulator);
-    the interpreter comes from SIM_PYTHON_MOCK here, the variable beside --python."""
-    python = os.environ.get("SIM_TEST_CLIENT_PYTHON", sys.executable)
-    with running_server("mock", env={"SIM_PYTHON_MOCK": python}) as server:
+@pytest.mark.slow
+def test_a_simulator_runs_under_the_oldest_python_the_client_claims(oldest_python):
+    """The mock's processes under Python 3.8 with numpy and msgpack only; the interpreter comes from
+    SIM_PYTHON_MOCK, the variable beside --python."""
+    version = python_version(oldest_python)
+    assert version.startswith(OLDEST_PYTHON + ".")
+    with running_server("mock", env={"SIM_PYTHON_MOCK": oldest_python}) as server:
         client = server.client()
         task_info = client.request("load_task", task_name="reach_center")["task_info"]
-        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
-                                 capture_output=True, text=True).stdout.strip()
         assert task_info["simulator_stack"]["python"] == version
         assert client.request("reset")["status"] == "ok" and client.request("step", action=[0.0] * 7)["status"] == "ok"
 
 
 def failing_interpreter(tmp_path, when: str) -> str:
-    """A wrapper around this Python that fails, with a message on stderr, when it is run `when`."""
+    """A wrapper around this Python that fails, with a message on stderr, when it runs module `when`."""
     script = tmp_path / f"python-failing-{when}"
     script.write_text(f'#!/bin/sh\ncase "$2" in {when}) echo "this interpreter is broken" >&2; exit 1;; esac\n'
                       f'exec {sys.executable} "$@"\n')
@@ -1761,8 +2073,8 @@ def failing_interpreter(tmp_path, when: str) -> str:
 
 
 def test_a_missing_or_broken_interpreter_answers_backend_error_with_its_stderr(tmp_path):
-    broken_catalog = failing_interpreter(tmp_path, sim_server.CATALOG_ENTRY)
-    broken_worker = failing_interpreter(tmp_path, sim_server.WORKER_ENTRY)
+    broken_catalog = failing_interpreter(tmp_path, "backends.catalog")
+    broken_worker = failing_interpreter(tmp_path, "backends.worker")
     with running_server("mock,gymnasium,robosuite", "--python", "gymnasium=/nonexistent/bin/python",
                         "--python", f"robosuite={broken_catalog}") as server:
         for simulator, words in (("gymnasium", "/nonexistent/bin/python"), ("robosuite", "this interpreter is broken")):
@@ -1804,21 +2116,28 @@ def gymnasium_server():
 
 
 @pytest.mark.slow
-def test_gymnasium_backend_passes_protocol_conformance(gymnasium_server):
-    task_info = check_protocol_conformance(gymnasium_server, "CartPole-v1", np.int64(1), np.int64(7))
-    assert task_info["action_spec"]["action"] == {"shape": [], "dtype": "<i8", "low": 0.0, "high": 1.0}
-    assert task_info["max_episode_steps"] == 500
-    check_protocol_conformance(gymnasium_server, "Hopper-v5", np.zeros(3), np.full(3, 5.0))
+class TestGymnasiumContract(BackendContract):
+    simulator, task, action, bad_action = "gymnasium", "Hopper-v5", np.zeros(3), np.full(3, 5.0)
+
+    @pytest.fixture
+    def server(self, gymnasium_server):
+        return gymnasium_server
 
 
 @pytest.mark.slow
-def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server):
+def test_gymnasium_discrete_actions_keep_the_contract_with_their_own_spec(gymnasium_server):
+    task_info = check_protocol_conformance(gymnasium_server, "CartPole-v1", np.int64(1), np.int64(7))
+    assert task_info["action_spec"]["action"] == {"shape": [], "dtype": "<i8", "low": 0.0, "high": 1.0}
+    assert task_info["max_episode_steps"] == 500
+
+
+@pytest.mark.slow
+def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server, in_process_gl):
     import gymnasium
 
     actions = np.random.default_rng(2).uniform(-1, 1, (8, 3)).astype(np.float32)
     remote = remote_observations(gymnasium_server, "Hopper-v5", 5, actions, render=True, render_width=32,
                                  render_height=32)
-    os.environ.setdefault("MUJOCO_GL", "egl")
     env = gymnasium.make("Hopper-v5", render_mode="rgb_array", width=32, height=32)
     observation, _ = env.reset(seed=5)
     local = [{"observation": observation, "image": env.render()}]
@@ -1851,19 +2170,30 @@ ROBOSUITE_OPTIONS = {"camera_width": 48, "camera_height": 48}
 
 
 @pytest.mark.slow
-def test_robosuite_backend_passes_protocol_conformance(robosuite_server):
-    task_info = check_protocol_conformance(robosuite_server, "Lift", np.zeros(7), np.zeros(3), **ROBOSUITE_OPTIONS)
+class TestRobosuiteContract(BackendContract):
+    simulator, task, action, bad_action = "robosuite", "Lift", np.zeros(7), np.zeros(3)
+    load_options = ROBOSUITE_OPTIONS
+
+    @pytest.fixture
+    def server(self, robosuite_server):
+        return robosuite_server
+
+
+@pytest.mark.slow
+def test_robosuite_task_info_names_robots_controller_and_camera_size(robosuite_server):
+    client = robosuite_server.client()
+    task_info = client.request("load_task", task_name="Lift", **ROBOSUITE_OPTIONS)["task_info"]
+    client.close()
     assert task_info["robots"] == ["Panda"] and task_info["controller"] == "OSC_POSE"
     assert task_info["observation_spec"]["agentview_image"]["shape"] == [48, 48, 3]
 
 
 @pytest.mark.slow
-def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server):
+def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server, in_process_gl):
     import robosuite
 
     actions = np.random.default_rng(4).uniform(-1, 1, (6, 7))
     remote = remote_observations(robosuite_server, "Lift", 4, actions, **ROBOSUITE_OPTIONS)
-    os.environ.setdefault("MUJOCO_GL", "egl")
     env = robosuite.make("Lift", robots=["Panda"],
                          controller_configs=robosuite.load_controller_config(default_controller="OSC_POSE"),
                          has_renderer=False, has_offscreen_renderer=True, use_camera_obs=True,
@@ -1910,6 +2240,22 @@ def libero_session(libero_server):
     yield client, reply["task_info"]
     client.request("disconnect")
     client.close()
+
+
+@pytest.mark.libero
+class TestLiberoContract(BackendContract):
+    simulator, action, bad_action = "libero", np.zeros(7), np.zeros(6)
+    task = ""  # set per test, below: listing LIBERO's tasks while collecting would slow every run
+    load_options = SMALL_CAMERA
+
+    @pytest.fixture(autouse=True)
+    def _task(self, monkeypatch):
+        monkeypatch.setenv("SIM_LIBERO_TASK_SUITE", LIBERO_SUITE)
+        self.task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+
+    @pytest.fixture
+    def server(self, libero_server):
+        return libero_server
 
 
 @pytest.mark.libero
@@ -2018,7 +2364,7 @@ def test_libero_original_observation_names_carry_the_same_arrays(libero_server):
 
 
 @pytest.mark.libero
-def test_libero_remote_rollouts_are_bit_identical_to_in_process(libero_server):
+def test_libero_remote_rollouts_are_bit_identical_to_in_process(libero_server, in_process_gl):
     """Covers a fresh load (hard reset) and a later episode on the kept model (fast reset)."""
     actions = np.random.default_rng(0).uniform(-1, 1, (6, 7))
     client = libero_server.client()
@@ -2095,9 +2441,8 @@ def test_libero_truncates_at_max_episode_steps():
 
 
 @pytest.mark.libero
-def test_libero_success_predicate_terminates_the_episode(monkeypatch):
+def test_libero_success_predicate_terminates_the_episode(monkeypatch, in_process_gl):
     """Put the bowl on the plate in the simulator state: LIBERO's own check must end the episode."""
-    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
     monkeypatch.setenv("SIM_LIBERO_TASK_SUITE", LIBERO_SUITE)
     from backends.libero import LiberoBackend
 
@@ -2271,7 +2616,8 @@ def test_parity_comparison_fails_a_moved_object_or_a_darker_image():
 
     reference = {parity_sim.probe_key(p): p for p in parity_sim.load_reference(parity_sim.REFERENCE_PATH)["probes"]}
     probe = reference[("libero_spatial", 5, 0)]
-    assert parity_sim.compare(reference, [probe]) == (parity_sim.compare(reference, [probe])[0], True)
+    rows, passed = parity_sim.compare(reference, [probe])  # the reference against itself
+    assert passed and rows[0]["ok"] and rows[0]["worst_mm"] == 0.0 and rows[0]["worst_levels"] == 0.0
     moved = json.loads(json.dumps(probe))
     name = sorted(moved["objects"])[0]
     moved["objects"][name][0] += 0.003  # 3 mm
