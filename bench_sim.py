@@ -21,8 +21,9 @@ import zmq
 
 import sim_client
 import sim_server
-from evaluation.policies import Policy, PolicyBatcher, load_policy
+from evaluation.policies import Policy, PolicyBatcher
 from evaluation.runner import Evaluation, EvaluationSettings
+from evaluation.videos import VideoWriter
 from harness_sim import ServerProcess, free_port, libero_suite
 
 LIBERO_SIZE_OBSERVATION = {
@@ -314,23 +315,66 @@ def bench_render_threads() -> list:
     return rows
 
 
-def bench_libero_episodes_per_hour() -> list:
-    """Zero policy on libero_spatial, standard convention, as many sessions as cores: whole episodes
-    (the zero action never succeeds, so each runs the 220-step horizon) per hour."""
-    cores = os.cpu_count() or 1
+def bench_libero_chunks() -> list:
+    """A chunk of 5 actions against 5 single steps, per executed action: a chunk renders its last step
+    only. Zero actions on libero_spatial, interleaved so both sides see the same machine load."""
     server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
-    tasks = libero_suite("libero_spatial").get_task_names()[:cores]
+    task = libero_suite("libero_spatial").get_task_names()[0]
+    singles, chunks = [], []
     try:
-        started = time.perf_counter()
-        settings = EvaluationSettings(addresses=[server.address], tasks=[f"libero_spatial/{task}" for task in tasks],
-                                      episodes=2, parallel=cores)
-        results = Evaluation(settings, load_policy("zero")).run()
-        elapsed = time.perf_counter() - started
+        with sim_client.SimulatorClient(server.address, timeout_s=120) as sim:
+            sim.load_task(task)
+            for _ in range(6):
+                sim.reset(init_state_index=0)
+                started = time.perf_counter()
+                for _ in range(5):
+                    sim.step(np.zeros(7))
+                singles.append((time.perf_counter() - started) / 5)
+                sim.reset(init_state_index=0)
+                started = time.perf_counter()
+                sim.step(np.zeros((5, 7)))
+                chunks.append((time.perf_counter() - started) / 5)
     finally:
         server.stop()
-    episodes = len(results)
-    return [(f"LIBERO episodes/hour, zero policy, libero_spatial, {cores} sessions ({episodes} episodes "
-             "incl. loading)", f"{episodes * 3600 / elapsed:.0f}/h", "", "", f"cores: {cores}")]
+    return [row("LIBERO chunk of 5 vs 5 single steps, per action (256x256, 2 cameras)", statistics.median(chunks),
+                statistics.median(singles), goal="<= 0.35x")]
+
+
+def libero_episodes_per_hour(chunk: int, videos: bool = False, **load_options) -> float:
+    """Episodes per hour of a zero policy on libero_spatial under the openpi convention, as many sessions
+    as cores, two episodes each, loading included: every episode runs the 220-step horizon."""
+    import tempfile
+
+    cores = os.cpu_count() or 1
+    server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
+    tasks = [f"libero_spatial/{task}" for task in libero_suite("libero_spatial").get_task_names()[:cores]]
+    action = np.zeros((chunk, 7)) if chunk > 1 else np.zeros(7)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            settings = EvaluationSettings(addresses=[server.address], tasks=tasks, episodes=2, parallel=cores,
+                                          load_options={"convention": "openpi", **load_options},
+                                          videos=VideoWriter(folder, "agentview_image") if videos else None)
+            started = time.perf_counter()
+            results = Evaluation(settings, Policy(lambda observation, task_info: action)).run()
+            elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    assert all(record.steps == 220 for record in results), "every episode runs its whole horizon"
+    return len(results) * 3600 / elapsed
+
+
+def bench_libero_episodes_per_hour() -> list:
+    """LIBERO episodes per hour as openpi's loop runs them (chunks of 5, `--replan-steps 5`) against
+    single steps, side by side; with videos on, and with one camera."""
+    cores = os.cpu_count() or 1
+    single = libero_episodes_per_hour(1)
+    rows = []
+    for label, rate in (("chunks of 5", libero_episodes_per_hour(5)),
+                        ("chunks of 5, --videos on", libero_episodes_per_hour(5, videos=True)),
+                        ("chunks of 5, cameras=[agentview]", libero_episodes_per_hour(5, cameras=["agentview"]))):
+        rows.append((f"LIBERO episodes/hour, openpi convention, {label} vs single steps ({cores} sessions)",
+                     f"{rate:.0f}/h", f"{single:.0f}/h", f"{rate / single:.2f}x", ">= 3x"))
+    return rows
 
 
 def page_viewer(url: str, stop: threading.Event) -> None:
@@ -389,14 +433,23 @@ def bench_libero_dashboard() -> list:
     return [row("LIBERO step round trip, dashboard page open vs no dashboard", watched, plain, goal="<= 1.02x")]
 
 
+TRANSPORT = ("codec", "round_trip", "dashboard", "parallel_sessions", "batching")
+LIBERO = ("libero", "libero_dashboard", "libero_cameras", "render_threads", "libero_chunks", "libero_episodes_per_hour")
+
+
 def main() -> int:
     parser = sim_client.OneLineParser(prog="bench_sim.py", description=__doc__.splitlines()[0])
     parser.add_argument("--no-libero", action="store_true", help="skip the LIBERO figures")
+    parser.add_argument("--only", default=None, metavar="NAME,...",
+                        help=f"only these groups of rows: {', '.join(TRANSPORT + LIBERO)}")
     args = parser.parse_args()
-    rows = bench_codec() + bench_round_trip() + bench_dashboard() + bench_parallel_sessions() + bench_batching()
-    if not args.no_libero:
-        rows += bench_libero() + bench_libero_dashboard() + bench_libero_cameras() + bench_render_threads()
-        rows += bench_libero_episodes_per_hour()
+    names = TRANSPORT if args.no_libero else TRANSPORT + LIBERO
+    if args.only:
+        names = tuple(name.strip() for name in args.only.split(","))
+        unknown = sorted(set(names) - set(TRANSPORT + LIBERO))
+        if unknown:
+            parser.error(f"--only {', '.join(unknown)}: no such rows")
+    rows = [line for name in names for line in globals()[f"bench_{name}"]()]
     header = ("measure", "ours", "baseline", "ratio", "goal")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "

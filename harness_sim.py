@@ -210,14 +210,14 @@ def in_process_env(suite_name: str, task_index: int, size: int):
 
 
 def in_process_rollout(suite_name: str, task_index: int, init_state_index: int, actions, size: int,
-                       seed: int = 7) -> List[Dict]:
+                       seed: int = 7, settle_steps: int = 10) -> List[Dict]:
     """LIBERO exactly as an in-process evaluation runs it: fresh env, seed, reset, init state, settle, steps."""
     env, _, init_states = in_process_env(suite_name, task_index, size)
     try:
         env.seed(seed)
         env.reset()
         observation = env.set_init_state(init_states[init_state_index])
-        for _ in range(10):
+        for _ in range(settle_steps):
             observation, _, _, _ = env.step([0.0] * 6 + [-1.0])
         observations = [observation]
         for action in actions:

@@ -396,16 +396,21 @@ class SimulatorClient:
         reply = self.call("reset", **fields)
         return reply["observation"], reply["info"]
 
-    def step(self, action: Any) -> Dict[str, Any]:
-        """One step; `action` is an array (sent as {"action": it}) or a map of name -> array.
+    def step(self, action: Any, frame_key: Optional[str] = None) -> Dict[str, Any]:
+        """One step; `action` is an array (sent as {"action": it}) or a map of name -> array, and an
+        array with one more leading axis is a chunk of K actions, run in one round trip.
 
-        Returns the reply: observation, reward, terminated, truncated, info.
+        Returns the reply: observation, reward, terminated, truncated, info (a chunk adds steps_run,
+        rewards and successes). With `frame_key` (an observation key, e.g. a camera's), the reply's
+        `frames` holds that key's observation after every step run: a chunk renders its other
+        cameras for its last step only.
         """
         if isinstance(action, dict):
             action = {name: np.asarray(value) for name, value in action.items()}
         else:
             action = np.asarray(action)
-        return self.call("step", action=action)
+        fields = {} if frame_key is None else {"frame_key": frame_key}
+        return self.call("step", action=action, **fields)
 
     def get_info(self) -> Dict[str, Any]:
         """The server's and this session's facts: backend, versions, simulator stack, current task,

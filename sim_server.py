@@ -13,9 +13,9 @@ table, the poll loop and dispatch, main(). Its parts live in server/ (simulator 
 catalogs, connections and CURVE, the dashboard) and backends/ (the simulators).
 
 Who is who: a client's ZMQ `routing_id` names its session; `session_key` is the session table's
-key (the routing_id, plus the TCP connection's number for guessable ids); `session_id` is the
-short public name in get_info and logs; `connection` is the number of the TCP connection a
-message came on; `curve_key` is the client's CURVE public key.
+key (the routing_id, plus the TCP connection for guessable ids); `session_id` is the short
+public name in get_info and logs; `connection` names the TCP connection a message came on
+("fd/host:port"); `curve_key` is the client's CURVE public key.
 """
 
 from __future__ import annotations
@@ -361,12 +361,14 @@ def reset_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def step_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
-    """The action as {name: numeric array}, finite; a bare array or list means {"action": it}."""
+    """The action as {name: numeric array}, finite (a bare array or list means {"action": it}), and
+    the observation key whose frame of every step the reply should carry, if any."""
     if "action" not in fields:
         raise InvalidParams("step needs an 'action'")
     action = fields["action"]
     named = action if isinstance(action, dict) else {"action": action}
-    return {"action": {str(name): numeric_action(str(name), value) for name, value in named.items()}}
+    return {"action": {str(name): numeric_action(str(name), value) for name, value in named.items()},
+            "frame_key": optional_string(fields, "frame_key")}
 
 
 def numeric_action(name: str, value: Any) -> np.ndarray:
@@ -421,7 +423,7 @@ class Session:
     session_key: bytes
     routing_id: bytes
     session_id: str
-    connection: Optional[int] = None  # number of the TCP connection that opened it
+    connection: Optional[str] = None  # the TCP connection that opened it, "fd/host:port"
     curve_key: Optional[str] = None  # the CURVE public key that opened it
     simulator: Optional[str] = None  # the one it selected (or the only one served)
     last_active: float = field(default_factory=time.monotonic)
@@ -456,10 +458,10 @@ class SessionTable:
         return iter(list(self.sessions.values()))
 
     @staticmethod
-    def key(routing_id: bytes, connection: Optional[int]) -> bytes:
+    def key(routing_id: bytes, connection: Optional[str]) -> bytes:
         return routing_id if is_resumable(routing_id) else routing_id + b"#" + str(connection).encode()
 
-    def session_for(self, routing_id: bytes, connection: Optional[int], curve_key: Optional[str],
+    def session_for(self, routing_id: bytes, connection: Optional[str], curve_key: Optional[str],
                     simulator: Optional[str]) -> Session:
         """The session of this routing id (and connection, for guessable ids), opened on first contact
         with `simulator` selected; InvalidParams when another CURVE key presents it."""
@@ -497,9 +499,9 @@ class SessionTable:
     def idle_since(self, cutoff: float) -> List[Session]:
         return [s for s in self.sessions.values() if s.pending is None and s.last_active < cutoff]
 
-    def on_connection(self, connection: int) -> List[Session]:
-        """The sessions that live and die with this TCP connection."""
-        return [s for s in self.sessions.values() if s.connection == connection and not is_resumable(s.routing_id)]
+    def bound_to_connections(self) -> List[Session]:
+        """The sessions that live and die with the TCP connection that opened them."""
+        return [s for s in self.sessions.values() if s.connection is not None and not is_resumable(s.routing_id)]
 
 
 # --- the poll loop and dispatch ----------------------------------------------
@@ -559,7 +561,7 @@ class SimulatorServer:
         next_tick = time.monotonic()
         while not self.stopping:
             ready = dict(self.poller.poll(self._poll_timeout_ms()))
-            if ready.get(self.connections.monitor):
+            if ready.get(self.connections.monitor) and self.connections.some_closed():
                 self._end_closed_connections()
             if ready.get(self.frontend):
                 self._drain_frontend()
@@ -589,6 +591,7 @@ class SimulatorServer:
         """Once a second: reap idle sessions and closed processes, count requests, feed the dashboard."""
         for session in self.sessions.idle_since(time.monotonic() - self.config.session_timeout_s):
             self.dispatcher.end_session(session, "reaped after idling")
+        self._end_closed_connections()  # whatever the monitor's events said, or did not yet
         self.dispatcher.simulators.finish_closing()
         self.requests_per_s, self.requests_counted = self.requests_seen - self.requests_counted, self.requests_seen
         if self.dashboard is not None:
@@ -599,8 +602,8 @@ class SimulatorServer:
             self.dashboard.publish(self)
 
     def _end_closed_connections(self) -> None:
-        for connection in self.connections.read_events():
-            for session in self.sessions.on_connection(connection):
+        for session in self.sessions.bound_to_connections():
+            if not self.connections.is_open(session.connection):
                 self.dispatcher.end_session(session, "its connection closed")
 
     def _drain_frontend(self) -> None:
@@ -610,12 +613,11 @@ class SimulatorServer:
                 frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._end_closed_connections()  # this message's connection events come first
             last = frames[-1]
             self.handle_frames([frame.bytes for frame in frames], self.connections.connection_of(last),
                                self.curve.key_of(last) if self.curve is not None else None)
 
-    def handle_frames(self, frames: List[bytes], connection: Optional[int] = None,
+    def handle_frames(self, frames: List[bytes], connection: Optional[str] = None,
                       curve_key: Optional[str] = None) -> None:
         """Decode and check the request once, answer it, and turn any error into its reply."""
         self.requests_seen += 1

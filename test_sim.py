@@ -672,10 +672,31 @@ def test_action_chunk_stops_at_the_end_of_the_episode():
     with running_server("mock", env={"SIM_MOCK_EPISODE_STEPS": "3", "SIM_MOCK_IMAGE_SIZE": "8"}) as server:
         client = server.client()
         client.request("load_task", task_name="reach_center")
-        client.request("reset")
-        reply = client.request("step", action=np.zeros((5, 7)))
+        client.request("reset", init_state_index=1)
+        singles = [client.request("step", action=np.full(7, 0.2)) for _ in range(3)]
+        client.request("reset", init_state_index=1)
+        reply = client.request("step", action=np.full((5, 7), 0.2))
         assert reply["steps_run"] == 3 and reply["truncated"] is True
+        # its last step skipped rendering, and ended the episode: its frames are rendered after all
+        assert_same_observations([reply["observation"]], [singles[-1]["observation"]])
         assert_error(client.request("step", action=np.zeros((2, 7))), "not_reset")
+
+
+def test_a_chunk_can_carry_every_steps_frame_of_one_camera(raw):
+    chunk = np.random.default_rng(6).uniform(-1, 1, (4, 7))
+    raw.request("load_task", task_name="reach_corner")
+    raw.request("reset", init_state_index=2)
+    singles = [raw.request("step", action=row)["observation"] for row in chunk]
+    raw.request("reset", init_state_index=2)
+    reply = raw.request("step", action=chunk, frame_key="wrist_image")
+    assert reply["frames"].shape == (4, 64, 64, 3)
+    assert all(np.array_equal(frame, single["wrist_image"]) for frame, single in zip(reply["frames"], singles))
+    assert_same_observations([reply["observation"]], [singles[-1]])
+    one = raw.request("step", action=chunk[0], frame_key="image")
+    assert one["frames"].shape == (1, 64, 64, 3) and np.array_equal(one["frames"][0], one["observation"]["image"])
+    assert_error(raw.request("step", action=chunk, frame_key="nope"), "invalid_params")
+    assert_error(raw.request("step", action=chunk, frame_key=3), "invalid_params")
+    assert raw.request("step", action=chunk[0])["info"]["step"] == 6  # the refused ones ran nothing
 
 
 def test_bad_action_chunks_are_refused_before_any_step(raw):
@@ -1431,6 +1452,20 @@ def test_videos_are_mp4_named_by_outcome_never_overwritten_and_show_the_chosen_c
     assert (videos / "reach_center__init000__horizon.mp4").stat().st_size > 0
 
 
+def test_videos_of_a_chunked_policy_show_every_step_as_single_steps_would(tmp_path, short_mock_server, monkeypatch):
+    import imageio
+
+    monkeypatch.setattr(VideoWriter, "extension", staticmethod(lambda: ".gif"))  # lossless at 16x16
+    for name, action in (("chunks", np.zeros((4, 7))), ("singles", np.zeros(7))):  # 6 steps: 4 + 2, or 6 x 1
+        settings = EvaluationSettings(addresses=[short_mock_server.address], tasks=["reach_center"], episodes=1,
+                                      videos=VideoWriter(str(tmp_path / name)))
+        Evaluation(settings, Policy(lambda observation, task_info, action=action: action)).run()
+    chunked, single = (imageio.mimread(tmp_path / name / "reach_center__init000__horizon.gif")
+                       for name in ("chunks", "singles"))
+    assert len(chunked) == len(single) == 7  # the reset's frame and one per step
+    assert all(np.array_equal(a, b) for a, b in zip(chunked, single))
+
+
 def test_videos_failed_only_keeps_no_video_of_a_success(tmp_path):
     from evaluation.records import EpisodeRecord
 
@@ -1585,9 +1620,14 @@ def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_a
     client = dashboard_server.client()
     client.request("load_task", task_name="reach_center")
     session_id = client.request("get_info")["session_id"]
-    assert wait_until(lambda: dashboard_status(dashboard_server)["sessions"])  # the next snapshot has it
-    row = dashboard_status(dashboard_server)["sessions"][0]
-    assert row["session_id"] == session_id and row["peer"].startswith("127.0.0.1:") and row["worker_pid"] > 0
+    rows = []
+
+    def shown() -> bool:  # the page shows the loop's snapshot, made once a second
+        rows[:] = [row for row in dashboard_status(dashboard_server)["sessions"] if row["session_id"] == session_id]
+        return bool(rows)
+
+    assert wait_until(shown)
+    assert rows[0]["peer"].startswith("127.0.0.1:") and rows[0]["worker_pid"] > 0 and rows[0]["task"] == "reach_center"
     assert http_get(dashboard_server.dashboard + "x" * 3000)[0] == 414  # request line too long
     code, body = http_get(dashboard_server.dashboard + f"api/end?session={session_id}")
     assert code == 403 and b"--dashboard-admin" in body
@@ -1650,10 +1690,12 @@ def servers_bound_to(addresses) -> list:
 
 
 def run_ray_eval(ray_head: str, tmp_path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, **LOOPBACK_RAY, **MOCK_EVAL_ENV, "SIM_MOCK_EPISODE_STEPS": "20", "SIM_MOCK_STEP_MS": "50"}
+    """A run on two mock servers Ray starts. --timeout leaves a busy machine's servers room to answer;
+    it also bounds how long an episode on a killed server waits before it runs elsewhere."""
+    env = {**os.environ, **LOOPBACK_RAY, **MOCK_EVAL_ENV, "SIM_MOCK_EPISODE_STEPS": "10", "SIM_MOCK_STEP_MS": "10"}
     return subprocess.Popen([sys.executable, "sim_eval.py", "--ray", ray_head, "--servers", "2",
                              "--server-args", "--simulator mock", "--tasks", "reach_center", "reach_floor",
-                             "--timeout", "3", "--results", str(tmp_path / "results.json"),
+                             "--timeout", "10", "--results", str(tmp_path / "results.json"),
                              "--addresses-file", str(tmp_path / "servers.txt"), *args],
                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -2146,6 +2188,11 @@ def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server, in_pr
         local.append({"observation": observation, "image": env.render()})
     env.close()
     assert_same_observations(remote, local)
+    options = {"render": True, "render_width": 32, "render_height": 32}
+    whole = remote_chunk(gymnasium_server, "Hopper-v5", 5, actions, **options)
+    early = remote_chunk(gymnasium_server, "Hopper-v5", 5, actions, max_episode_steps=5, **options)
+    assert (whole["steps_run"], early["steps_run"], early["truncated"]) == (8, 5, True)
+    assert_same_observations([whole["observation"], early["observation"]], [local[8], local[5]])
 
 
 @pytest.mark.slow
@@ -2203,7 +2250,26 @@ def test_robosuite_episode_equals_in_process_bit_for_bit(robosuite_server, in_pr
     local = [env.reset()]
     local += [env.step(a)[0] for a in actions]
     env.close()
-    assert_same_observations(remote, [dict(observation) for observation in local])
+    local = [dict(observation) for observation in local]
+    assert_same_observations(remote, local)
+    # a chunk renders only its last step; one that ends the episode early renders what it skipped
+    whole = remote_chunk(robosuite_server, "Lift", 4, actions, **ROBOSUITE_OPTIONS)
+    assert whole["steps_run"] == 6 and not whole["truncated"]
+    early = remote_chunk(robosuite_server, "Lift", 4, actions, horizon=4, **ROBOSUITE_OPTIONS)
+    assert early["steps_run"] == 4 and early["truncated"]
+    assert_same_observations([whole["observation"], early["observation"]], [local[6], local[4]])
+
+
+def remote_chunk(server, task: str, seed: int, actions, **load_options) -> dict:
+    """The reply to all of `actions` sent as one chunk, after reset(seed)."""
+    client = server.client()
+    try:
+        client.request("load_task", task_name=task, **load_options)
+        client.request("reset", seed=seed)
+        return client.request("step", action=np.asarray(actions))
+    finally:
+        client.request("disconnect")
+        client.close()
 
 
 @pytest.mark.slow
@@ -2365,22 +2431,26 @@ def test_libero_original_observation_names_carry_the_same_arrays(libero_server):
 
 @pytest.mark.libero
 def test_libero_remote_rollouts_are_bit_identical_to_in_process(libero_server, in_process_gl):
-    """Covers a fresh load (hard reset) and a later episode on the kept model (fast reset)."""
+    """Covers a fresh load (hard reset), a later episode on the kept model (fast reset), and an
+    episode with no settle steps, whose first observation is the init state's own frame. Frames
+    nobody sees are not rendered on the way, which must change nothing a client receives."""
     actions = np.random.default_rng(0).uniform(-1, 1, (6, 7))
     client = libero_server.client()
     try:
         task_name = libero_suite(LIBERO_SUITE).get_task_names()[1]
-        client.request("load_task", task_name=task_name, camera_width=96, camera_height=96)
         remote = {}
-        for init_state_index in (0, 3):
+        for settle_steps, init_state_index in ((10, 0), (10, 3), (0, 5)):
+            client.request("load_task", task_name=task_name, camera_width=96, camera_height=96,
+                           settle_steps=settle_steps)
             observations = [client.request("reset", init_state_index=init_state_index)["observation"]]
             observations += [client.request("step", action=a)["observation"] for a in actions]
-            remote[init_state_index] = observations
+            remote[settle_steps, init_state_index] = observations
     finally:
         client.request("disconnect")
         client.close()
-    for init_state_index, observations in remote.items():
-        assert_same_observations(observations, in_process_rollout(LIBERO_SUITE, 1, init_state_index, actions, 96))
+    for (settle_steps, init_state_index), observations in remote.items():
+        assert_same_observations(observations, in_process_rollout(LIBERO_SUITE, 1, init_state_index, actions, 96,
+                                                                  settle_steps=settle_steps))
 
 
 @pytest.mark.libero
@@ -2472,14 +2542,39 @@ def test_libero_success_predicate_terminates_the_episode(monkeypatch, in_process
 
 
 @pytest.mark.libero
-def test_libero_action_chunk_matches_single_steps(libero_session):
+def test_libero_action_chunk_renders_once_and_matches_single_steps(libero_session):
     client, _ = libero_session
     chunk = np.random.default_rng(5).uniform(-0.5, 0.5, (5, 7))
     client.request("reset", init_state_index=2)
     singles = [client.request("step", action=row)["observation"] for row in chunk]
     client.request("reset", init_state_index=2)
     reply = client.request("step", action=chunk)
-    assert reply["steps_run"] == 5 and reply["info"]["step"] == 5
+    assert reply["steps_run"] == 5 and reply["info"]["step"] == 5 and "frames" not in reply
+    assert_same_observations([reply["observation"]], [singles[-1]])
+    client.request("reset", init_state_index=2)  # every step's frame of one camera, for videos
+    reply = client.request("step", action=chunk, frame_key="agentview_image")
+    assert [np.array_equal(frame, single["agentview_image"]) for frame, single in zip(reply["frames"], singles)] \
+        == [True] * 5
+    assert_same_observations([reply["observation"]], [singles[-1]])
+
+
+@pytest.mark.libero
+def test_libero_chunk_that_ends_the_episode_early_gets_the_frames_it_skipped(libero_server):
+    """The chunk's third step ends the episode while its cameras are skipped: they are rendered
+    afterwards from where they would have been, so the observation equals three single steps'."""
+    task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+    chunk = np.random.default_rng(9).uniform(-0.5, 0.5, (5, 7))
+    client = libero_server.client()
+    try:
+        client.request("load_task", task_name=task, max_episode_steps=3, **SMALL_CAMERA)
+        client.request("reset", init_state_index=1)
+        singles = [client.request("step", action=row)["observation"] for row in chunk[:3]]
+        client.request("reset", init_state_index=1)
+        reply = client.request("step", action=chunk)
+    finally:
+        client.request("disconnect")
+        client.close()
+    assert reply["steps_run"] == 3 and reply["truncated"] and reply["info"]["step"] == 3
     assert_same_observations([reply["observation"]], [singles[-1]])
 
 

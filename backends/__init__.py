@@ -15,7 +15,7 @@ from typing import Dict, List, Type
 from backends.base import SimulatorBackend
 
 _REGISTRY: Dict[str, Type[SimulatorBackend]] = {}
-_NOT_BACKENDS = {"base", "catalog", "worker"}  # the contract and the process plumbing
+_NOT_BACKENDS = {"base", "catalog", "worker", "robosuite_frames"}  # the contract, process plumbing, helpers
 
 
 def register_backend(name: str, cls: Type[SimulatorBackend]) -> None:

@@ -9,6 +9,7 @@ numpy arrays.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -171,6 +172,20 @@ class SimulatorBackend(abc.ABC):
         non-finite values.
         """
 
+    @contextlib.contextmanager
+    def frames_skipped(self, keep: Collection[str] = ()) -> Iterator[None]:
+        """Steps taken inside skip rendering the camera images nobody will see: image keys not in
+        `keep` may come back blank. Physics, rewards, success and info are exactly as without, and
+        so is every later observation. The server uses it for all but the last action of a chunk.
+        The default renders as usual."""
+        yield
+
+    def render_skipped(self, observation: Observation) -> Observation:
+        """`observation`, returned by the last step inside frames_skipped(), with the images it
+        skipped rendered as that step would have rendered them (a chunk that ended the episode
+        early). The default returns it as it is."""
+        return observation
+
     @abc.abstractmethod
     def get_info(self) -> Dict[str, Any]:
         """Static facts: at least backend_name and backend_version."""
@@ -214,14 +229,17 @@ def require_action(action: Dict[str, np.ndarray], key: str, shape: Tuple[int, ..
     return value
 
 
-def require_modules(simulator: str, modules: Dict[str, str]) -> None:
+def require_modules(simulator: str, modules: Dict[str, str], setup: Optional[str] = None) -> None:
     """BackendError naming the pip packages to install when a module `simulator` needs is missing
-    (module name -> pip requirement), so a missing simulator is never mistaken for a missing renderer."""
+    (module name -> pip requirement), so a missing simulator is never mistaken for a missing renderer.
+    `setup` is the command that makes the simulator's own environment, for one that needs its own."""
     missing = [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise BackendError(f"{simulator} needs Python packages that {sys.executable} does not have: "
-                           f"{', '.join(missing)}; install them with `{sys.executable} -m pip install -r "
-                           "requirements.txt`")
+    if not missing:
+        return
+    how = (f"make its environment with `{setup}` (the server then finds it)" if setup else
+           f"install them with `{sys.executable} -m pip install -r requirements.txt`")
+    raise BackendError(f"{simulator} needs Python packages that {sys.executable} does not have: "
+                       f"{', '.join(missing)}; {how}")
 
 
 RENDERER_HINT = ("install an OpenGL renderer: `apt-get install libegl1 libegl-mesa0 libgl1` (EGL; Mesa renders "

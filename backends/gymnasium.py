@@ -16,10 +16,11 @@ max_episode_steps (overrides the registered limit).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -185,6 +186,17 @@ class GymnasiumBackend(SimulatorBackend):
             raise InvalidParams("seed must be in [0, 2**32)")
         observation, info = self.env.reset(seed=seed)
         return self._observation(observation), serializable_info(info)
+
+    @contextlib.contextmanager
+    def frames_skipped(self, keep: Collection[str] = ()) -> Iterator[None]:
+        rendering, self.render = self.render, self.render and "image" in keep
+        try:
+            yield
+        finally:
+            self.render = rendering
+
+    def render_skipped(self, observation: Observation) -> Observation:
+        return {**observation, "image": np.asarray(self.env.render())} if self.render else observation
 
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
         require_task(self.env is not None, "step")

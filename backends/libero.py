@@ -25,7 +25,7 @@ import difflib
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from backends.base import (
     require_task,
     stack_versions,
 )
+from backends.robosuite_frames import CameraFrames
 
 log = logging.getLogger("sim_server.libero")
 
@@ -94,8 +95,9 @@ ORIGINAL_NAMES = {
     "state": "state",
 }
 OBSERVATION_NAMES = ("libero", "original")
-# The observation keys each camera renders, under either naming.
+# The observation keys each camera renders, under either naming; and by LIBERO's own key.
 CAMERA_KEYS = {camera: {f"{camera}_image", ORIGINAL_NAMES[f"{camera}_image"]} for camera in CAMERAS}
+CAMERA_KEY_NAMES = {f"{camera}_image": names for camera, names in CAMERA_KEYS.items()}
 
 
 # --- task catalog ------------------------------------------------------------
@@ -165,6 +167,8 @@ class LiberoBackend(SimulatorBackend):
         self.env_renderer: Dict[str, str] = {}
         self.env_key: Optional[tuple] = None  # (suite/task, width, height, cameras) the env was built for
         self.task: Dict[str, Any] = {}
+        self.frames: Optional[CameraFrames] = None  # the env's cameras, rendered only when someone looks
+        self.last_observation: Observation = {}  # the last step's, as LIBERO gave it
         self.init_states: Optional[np.ndarray] = None
         self.model_seed: Optional[int] = None  # the seed of the last hard reset
         self.rng_at_reset: Optional[tuple] = None  # numpy's RNG state where that reset began drawing
@@ -288,6 +292,7 @@ class LiberoBackend(SimulatorBackend):
                                       camera_heights=settings["camera_height"], camera_widths=settings["camera_width"],
                                       ignore_done=True)
         self.init_states = np.asarray(suite.get_task_init_states(index))
+        self.frames = CameraFrames(self.env.env)
         self.env_renderer = env_gl_strings(self.env.env)
         self.model_seed = None
         self._record_rng_at_reset()
@@ -339,24 +344,28 @@ class LiberoBackend(SimulatorBackend):
         return observation, {"init_state_index": index, "seed": seed, "success": False, "step": 0}
 
     def _begin_episode(self, seed: int, index: int) -> Observation:
+        """Reset to init state `index` and settle. Nobody sees the frames of the reset, of the init
+        state when settle steps follow, or of all settle steps but the last: they are not rendered."""
         robosuite_env = self.env.env
         if seed == self.model_seed:
             np.random.set_state(self.rng_at_reset)  # replay the last hard reset's draws on the kept model
             robosuite_env.hard_reset = False
-            with cameras_blanked(robosuite_env):  # set_init_state renders the first frames
+            with self.frames.skipped():
                 self.env.reset()
             for robot in robosuite_env.robots:  # the one piece of state a soft reset keeps
                 robot.gripper.current_action = np.zeros(robot.gripper.dof)
         else:
             self.env.seed(seed)
             robosuite_env.hard_reset = True
-            self.env.reset()  # rebuilds the observables, so nothing to blank here
+            with self.frames.skipped_in_reset():
+                self.env.reset()
             self.model_seed = seed
-        observation = self.env.set_init_state(self.init_states[index])
-        if self.task["settle_steps"] > 0:
-            with cameras_blanked(robosuite_env):  # nobody sees these frames: skip rendering them
-                for _ in range(self.task["settle_steps"] - 1):
-                    self.env.step(SETTLE_ACTION)
+        settle = self.task["settle_steps"]
+        with self.frames.skipped() if settle > 0 else contextlib.nullcontext():
+            observation = self.env.set_init_state(self.init_states[index])
+            for _ in range(settle - 1):
+                self.env.step(SETTLE_ACTION)
+        if settle > 0:
             observation, _, _, _ = self.env.step(SETTLE_ACTION)
         self.steps = 0
         return observation
@@ -366,6 +375,7 @@ class LiberoBackend(SimulatorBackend):
         move = require_action(action, "action", (ACTION_DIM,))
         warnings_before = self._warning_counts()
         observation, reward, done, _ = self.env.step(move)
+        self.last_observation = observation
         self.steps += 1
         success = bool(done)
         truncated = self.steps >= self.task["max_episode_steps"] and not success
@@ -374,6 +384,16 @@ class LiberoBackend(SimulatorBackend):
         if new_warnings:  # MuJoCo goes on after a bad state, silently changing it: say so
             info["mujoco_warnings"] = new_warnings
         return self._present(observation), float(reward), success, truncated, info
+
+    @contextlib.contextmanager
+    def frames_skipped(self, keep: Collection[str] = ()) -> Iterator[None]:
+        kept = {camera_key for camera_key in CAMERA_KEY_NAMES if CAMERA_KEY_NAMES[camera_key] & set(keep)}
+        with self.frames.skipped(kept):
+            yield
+
+    def render_skipped(self, observation: Observation) -> Observation:
+        frames = self.frames.render_skipped()
+        return self._present({**self.last_observation, **frames}) if frames else observation
 
     def _warning_counts(self) -> List[int]:
         return [int(warning.number) for warning in self.env.env.sim.data._data.warning]
@@ -471,30 +491,6 @@ def mujoco_parity_warning(version: str) -> Optional[str]:
     detail = "; ".join(consequences) or "this version was not checked against the reference"
     return (f"LIBERO on mujoco {version}, not the published stack's {PUBLISHED_MUJOCO}: {detail}. "
             "Numbers may not compare with papers; `pip install mujoco==3.2.3`, and run parity_sim.py to check.")
-
-
-@contextlib.contextmanager
-def cameras_blanked(robosuite_env):
-    """Camera observables return black frames instead of rendering; physics and sampling are untouched."""
-    cameras = [observable for name, observable in robosuite_env._observables.items() if name.endswith("_image")]
-    sensors = [observable._sensor for observable in cameras]
-    try:
-        for observable, sensor in zip(cameras, sensors):
-            observable._sensor = _blank_sensor(sensor, observable._data_shape)
-        yield
-    finally:
-        for observable, sensor in zip(cameras, sensors):
-            observable._sensor = sensor
-
-
-def _blank_sensor(sensor, shape):
-    blank = np.zeros(shape, dtype=np.uint8)
-
-    def blank_sensor(_obs_cache):
-        return blank
-
-    blank_sensor.__modality__ = sensor.__modality__  # robosuite's sensor decorator marks this
-    return blank_sensor
 
 
 def _bounded_int(options: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:

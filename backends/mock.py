@@ -16,10 +16,11 @@ tests do the same with slow or failing environments):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -86,6 +87,7 @@ class MockBackend(SimulatorBackend):
         self.steps = 0
         self._planes: Optional[np.ndarray] = None
         self._masks: Optional[np.ndarray] = None
+        self._skipped_images: Collection[str] = ()  # image keys not drawn inside frames_skipped()
 
     def list_tasks(self) -> List[str]:
         return list(GOALS)
@@ -155,7 +157,26 @@ class MockBackend(SimulatorBackend):
         if self.options.get("fail_at_step") == self.steps:
             raise RuntimeError(f"injected failure at step {self.steps}")
 
+    @contextlib.contextmanager
+    def frames_skipped(self, keep: Collection[str] = ()) -> Iterator[None]:
+        self._skipped_images = {"image", "wrist_image"} - set(keep)
+        try:
+            yield
+        finally:
+            self._skipped_images = ()
+
+    def render_skipped(self, observation: Observation) -> Observation:
+        return self._observation()  # the images are a function of the state
+
     def _observation(self) -> Observation:
+        state = np.append(self.position, self.steps).astype(np.float32)
+        if self._skipped_images == {"image", "wrist_image"}:
+            blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            return {"image": blank, "wrist_image": blank, "state": state}
+        image = self._image()
+        return {"image": image, "wrist_image": image[::-1].copy(), "state": state}
+
+    def _image(self) -> np.ndarray:
         size = self.image_size
         if self._planes is None:
             self._planes, self._masks = gradient_planes(size)
@@ -164,9 +185,7 @@ class MockBackend(SimulatorBackend):
         shading = self._masks[0] * np.uint8(offsets[0])
         shading += self._masks[1] * np.uint8(offsets[1])
         shading += self._masks[2] * np.uint8(offsets[2])
-        image = (self._planes + shading).reshape(size, size, 3)  # uint8 wraps: the sums mod 256
-        state = np.append(self.position, self.steps).astype(np.float32)
-        return {"image": image, "wrist_image": image[::-1].copy(), "state": state}
+        return (self._planes + shading).reshape(size, size, 3)  # uint8 wraps: the sums mod 256
 
     def get_info(self) -> Dict[str, Any]:
         return {"backend_name": self.name, "backend_version": VERSION, "simulator_stack": stack_versions()}

@@ -17,8 +17,9 @@ the same actions in-process, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from backends.base import (
     require_task,
     stack_versions,
 )
+from backends.robosuite_frames import CameraFrames
 
 log = logging.getLogger("sim_server.robosuite")
 LOAD_OPTIONS = ("robots", "controller", "cameras", "camera_width", "camera_height", "horizon", "reward_shaping")
@@ -109,6 +111,7 @@ class RobosuiteBackend(SimulatorBackend):
 
     def __init__(self) -> None:
         self.env = None
+        self.frames: Optional[CameraFrames] = None
         self.settings: Dict[str, Any] = {}
         self.steps = 0
         self._names: Optional[List[str]] = None
@@ -134,6 +137,7 @@ class RobosuiteBackend(SimulatorBackend):
         except (ValueError, AssertionError, KeyError) as error:  # robosuite's word for bad robots/controllers
             raise InvalidParams(f"robosuite refused these options: {type(error).__name__}: {error}") from None
         self.settings = {"task_name": task_name, **settings}
+        self.frames = CameraFrames(self.env)
         observation = self.reset(seed=DEFAULT_SEED)[0]
         low, high = self.env.action_spec
         action = array_spec((self.env.action_dim,), np.float64, low, high)
@@ -168,6 +172,14 @@ class RobosuiteBackend(SimulatorBackend):
         success = bool(self.env._check_success())
         truncated = self.steps >= self.settings["horizon"] and not success
         return dict(observation), float(reward), success, truncated, {"success": success, "step": self.steps}
+
+    @contextlib.contextmanager
+    def frames_skipped(self, keep: Collection[str] = ()) -> Iterator[None]:
+        with self.frames.skipped(keep):
+            yield
+
+    def render_skipped(self, observation: Observation) -> Observation:
+        return {**observation, **self.frames.render_skipped()}
 
     def get_info(self) -> Dict[str, Any]:
         return {"backend_name": self.name, "backend_version": package_versions("robosuite"),

@@ -13,6 +13,7 @@ with --python, and it dies with the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing.connection
 import signal
@@ -42,6 +43,7 @@ class SessionSimulator:
         self.task_loaded = False
         self.episode_running = False
         self.action_ndims: Dict[str, int] = {}  # from the task's action_spec, to tell a chunk from one action
+        self.observation_keys: List[str] = []  # from the task's observation_spec
         self.provenance: Optional[Dict[str, Any]] = None  # this process's versions, read at the first load_task
 
     def handle(self, call: bytes) -> bytes:
@@ -65,7 +67,7 @@ class SessionSimulator:
             observation, info = self.backend.reset(seed=call["seed"], init_state_index=call["init_state_index"])
             self.episode_running = True
             return {"observation": observation, "info": info}
-        return self.step(call["action"])
+        return self.step(call["action"], call["frame_key"])
 
     def load_task(self, task_name: str, options: Dict[str, Any]) -> Dict[str, Any]:
         self.episode_running = False
@@ -77,20 +79,40 @@ class SessionSimulator:
             task_info.setdefault(key, value)
         self.task_loaded = True
         self.action_ndims = {name: len(spec["shape"]) for name, spec in task_info["action_spec"].items()}
+        self.observation_keys = sorted(task_info["observation_spec"])
         return task_info
 
-    def step(self, action: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        """One action, or a chunk of K actions (one more leading axis) run until the episode ends."""
+    def step(self, action: Dict[str, np.ndarray], frame_key: Optional[str] = None) -> Dict[str, Any]:
+        """One action, or a chunk of K actions (one more leading axis) run until the episode ends.
+
+        Only the observation a client receives is rendered: a chunk's steps before its last skip
+        their camera images, but for `frame_key`'s, whose frame of every step the reply carries
+        in `frames` ([steps run, ...]) when asked.
+        """
         if not self.episode_running:
             raise NotReset("step needs a running episode: call reset first")
+        if frame_key is not None and frame_key not in self.observation_keys:
+            raise InvalidParams(f"no observation key {frame_key!r} for frame_key; keys: {self.observation_keys}")
         chunk = self.chunk_length(action)
-        if chunk is None:
-            return self.step_once(action)
+        actions = [action] if chunk is None else [{name: value[i] for name, value in action.items()}
+                                                  for i in range(chunk)]
+        keep = () if frame_key is None else (frame_key,)
         replies: List[Dict[str, Any]] = []
-        for index in range(chunk):
-            replies.append(self.step_once({name: value[index] for name, value in action.items()}))
+        for index, one_action in enumerate(actions):
+            last = index == len(actions) - 1
+            with contextlib.nullcontext() if last else self.backend.frames_skipped(keep):
+                replies.append(self.step_once(one_action))
             if not self.episode_running:
+                if not last:  # it ended early: the frames it skipped are the ones the client gets
+                    replies[-1]["observation"] = self.backend.render_skipped(replies[-1]["observation"])
                 break
+        reply = replies[-1] if chunk is None else self.chunk_reply(replies)
+        if frame_key is not None:
+            reply["frames"] = stacked_frames(replies, frame_key)
+        return reply
+
+    @staticmethod
+    def chunk_reply(replies: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {**replies[-1], "reward": float(sum(r["reward"] for r in replies)), "steps_run": len(replies),
                 "rewards": [r["reward"] for r in replies],
                 "successes": [bool(r["info"].get("success", r["terminated"])) for r in replies]}
@@ -110,6 +132,11 @@ class SessionSimulator:
         self.episode_running = not (terminated or truncated)
         return {"observation": observation, "reward": float(reward), "terminated": bool(terminated),
                 "truncated": bool(truncated), "info": info}
+
+
+def stacked_frames(replies: List[Dict[str, Any]], frame_key: str) -> np.ndarray:
+    """`frame_key`'s observation of every step, stacked."""
+    return np.stack([reply["observation"][frame_key] for reply in replies])
 
 
 def serve(fd: int, simulator: str) -> None:

@@ -66,9 +66,11 @@ class EvaluationSettings:
 
 
 def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], policy: Policy, index: int,
-                record_key: Optional[str] = None) -> Tuple[EpisodeRecord, List[np.ndarray]]:
+                record_key: Optional[str] = None, every_frame: bool = False
+                ) -> Tuple[EpisodeRecord, List[np.ndarray]]:
     """One episode from init state `index` (or seed `index`) to the task's horizon: its record, and
-    the `record_key` camera's frames, upright. A policy failure ends the episode as failed."""
+    the `record_key` camera's frames, upright: after every step (`every_frame`, for videos: a chunk's
+    steps are rendered too), else after every round trip. A policy failure ends the episode as failed."""
     started = time.monotonic()
     if "num_init_states" in task_info:
         observation, info = sim.reset(init_state_index=index % task_info["num_init_states"])
@@ -80,12 +82,13 @@ def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], poli
     try:
         policy.reset(task_info)
         while steps < horizon:
-            result = sim.step(policy.act(observation, task_info))
+            result = sim.step(policy.act(observation, task_info), frame_key=record_key if every_frame else None)
             observation = result["observation"]
             rewards += result.get("rewards", [result["reward"]])
             steps = int(result["info"].get("step", steps + result.get("steps_run", 1)))
             if record_key:
-                frames.append(upright(observation[record_key], task_info))
+                new_frames = result["frames"] if every_frame else [observation[record_key]]
+                frames += [upright(frame, task_info) for frame in new_frames]
             if result["terminated"] or result["truncated"]:
                 success = bool(result["info"].get("success", result["terminated"]))
                 failure = None if success else ("horizon" if result["truncated"] else "terminated")
@@ -177,7 +180,7 @@ class Evaluation:
         try:
             task_info = session.ready(address, job.task)
             record, frames = run_episode(session.sim, job.task, task_info, self.policy, job.index,
-                                         self._record_key(task_info))
+                                         self._record_key(task_info), every_frame=self.settings.videos is not None)
         except (ServerTimeout, BackendError, ServerBusy) as error:
             if isinstance(error, ServerTimeout):  # gone: not asked again, its session left to be reaped
                 with self.lock:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import glob
-import itertools
 import logging
 import os
 import socket
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import zmq
 import zmq.auth
@@ -18,55 +17,62 @@ log = logging.getLogger("sim_server")
 
 
 def peer_of(fd: int) -> str:
-    """"host:port" of the TCP peer on socket `fd`, or "" when it is not a TCP socket."""
+    """"host:port" of the TCP peer on socket `fd` now, or "" when it is not (or no longer) a TCP socket."""
     try:
-        with socket.socket(fileno=os.dup(fd)) as connection:
-            host, port = connection.getpeername()[:2]
+        connection = socket.socket(fileno=fd)
+    except OSError:
+        return ""
+    try:
+        host, port = connection.getpeername()[:2]
     except (OSError, ValueError):
         return ""
+    finally:
+        connection.detach()  # the fd stays libzmq's
     return f"{host}:{port}"
 
 
 class ConnectionTracker:
-    """Which TCP connection each message came on, from the ROUTER's monitor events.
+    """Which TCP connection a message came on: "fd/host:port", the socket's file descriptor and its
+    peer then. libzmq reuses file descriptors, and a reused one has another peer, so the name never
+    stands for two connections; and it is read from the socket itself, never from the monitor's
+    events, which may arrive after the message on a busy machine.
 
-    libzmq reuses file descriptors, so every accepted connection gets a number of its own.
-    Events are read before each message: read once per batch, they lag and split sessions.
-    The loop polls `monitor`.
+    A connection is open while its fd still has its peer (`is_open`). The monitor's DISCONNECTED
+    events (the loop polls `monitor`) say when to look again.
     """
 
     def __init__(self, frontend: zmq.Socket) -> None:
         self.frontend = frontend
-        self.monitor = frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.numbers: Dict[int, int] = {}  # fd -> connection number
-        self.peers: Dict[int, str] = {}  # connection number -> "host:port"
-        self.next_number = itertools.count(1)
+        self.monitor = frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
-    def read_events(self) -> List[int]:
-        """Number new connections; the numbers of those that closed since the last call."""
-        closed = []
-        while True:
-            try:
-                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return closed
-            fd = event["value"]
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                self.numbers[fd] = next(self.next_number)
-                self.peers[self.numbers[fd]] = peer_of(fd)
-            elif event["event"] == zmq.EVENT_DISCONNECTED and fd in self.numbers:
-                closed.append(self.numbers.pop(fd))
-                self.peers.pop(closed[-1], None)
-
-    def connection_of(self, frame: zmq.Frame) -> Optional[int]:
-        """The number of the connection a frame came on (call read_events first)."""
+    @staticmethod
+    def connection_of(frame: zmq.Frame) -> Optional[str]:
+        """The connection a frame came on, or None when libzmq cannot say (not TCP)."""
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return None
-        if fd not in self.numbers:  # not seen in tests; number it rather than guess
-            self.numbers[fd] = next(self.next_number)
-        return self.numbers[fd]
+        peer = peer_of(fd)
+        return f"{fd}/{peer}" if peer else None
+
+    @staticmethod
+    def is_open(connection: str) -> bool:
+        fd, _, peer = connection.partition("/")
+        return peer_of(int(fd)) == peer
+
+    @staticmethod
+    def peer(connection: Optional[str]) -> Optional[str]:
+        return connection.partition("/")[2] if connection else None
+
+    def some_closed(self) -> bool:
+        """Whether the monitor saw a connection close since the last call."""
+        closed = False
+        while True:
+            try:
+                zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return closed
+            closed = True
 
     def close(self) -> None:
         self.frontend.disable_monitor()

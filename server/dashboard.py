@@ -324,7 +324,7 @@ class Dashboard:
     def publish(self, server) -> None:
         """A snapshot of the server, made of plain values, becomes what pages see (loop thread)."""
         now = time.monotonic()
-        rows = [self._session_row(session, now, server.connections.peers.get(session.connection))
+        rows = [self._session_row(session, now, server.connections.peer(session.connection))
                 for session in server.sessions]
         alive = {row["session_id"] for row in rows}
         self.activity = {key: value for key, value in self.activity.items() if key in alive}
