@@ -156,7 +156,7 @@ ERROR_CLASSES = {cls.error_type: cls for cls in (
 
 def _pack_extra(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        array = np.ascontiguousarray(obj)
+        array = obj if obj.flags.c_contiguous else obj.copy(order="C")  # ascontiguousarray makes 0-d 1-d
         return {"__type__": "ndarray", "shape": list(array.shape), "dtype": array.dtype.str,
                 "data": array.tobytes()}
     if isinstance(obj, np.generic):

@@ -219,7 +219,7 @@ def _pack_extra(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.str not in SAFE_DTYPES:
             raise TypeError(f"cannot send arrays of dtype {obj.dtype}")
-        array = np.ascontiguousarray(obj)
+        array = obj if obj.flags.c_contiguous else obj.copy(order="C")  # ascontiguousarray makes 0-d 1-d
         return {"__type__": "ndarray", "shape": list(array.shape), "dtype": array.dtype.str,
                 "data": array.data if array.size else b""}
     if isinstance(obj, np.generic):

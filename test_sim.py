@@ -307,6 +307,15 @@ def test_decode_of_any_bytes_is_a_map_or_invalid_params(body):
         pass
 
 
+@pytest.mark.parametrize("array", [np.array(True), np.full((), 2.5, np.float32), np.arange(6.0).reshape(2, 3).T,
+                                   np.zeros((0, 3), np.uint8), np.arange(24, dtype=np.int16).reshape(2, 3, 4)[:, ::2]])
+def test_codecs_keep_every_arrays_shape_dtype_and_values_both_ways(array):
+    """0-d, empty and non-contiguous arrays too (np.ascontiguousarray turns a 0-d array into 1-d)."""
+    for encode, decode in ((sim_server.encode, sim_client.decode), (sim_client.encode, sim_server.decode)):
+        sent = decode(encode({"value": array}))["value"]
+        assert sent.shape == array.shape and sent.dtype == array.dtype and np.array_equal(sent, array)
+
+
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=10)
     | st.binary(max_size=20),
