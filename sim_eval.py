@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -145,18 +146,19 @@ def write_addresses(path: Optional[str], addresses: List[str]) -> None:
 
 
 def serve_until_interrupted(fleet, addresses_file: Optional[str]) -> int:
-    """Print the addresses (again whenever Ray restarts a server) until Ctrl-C or SIGTERM."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    """Print the addresses (again whenever Ray restarts a server) until Ctrl-C or SIGTERM. The signals
+    only set a flag: whatever Ray does with them, the fleet is then stopped the usual way."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     shown: List[str] = []
-    try:
-        while True:
-            if fleet.addresses != shown:
-                shown = fleet.addresses
-                write_addresses(addresses_file, shown)
-                print("serving: " + " ".join(shown), flush=True)
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        return 0
+    while not stop.is_set():
+        if fleet.addresses != shown:
+            shown = fleet.addresses
+            write_addresses(addresses_file, shown)
+            print("serving: " + " ".join(shown), flush=True)
+        stop.wait(1.0)
+    return 0
 
 
 def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str]]] = None) -> int:
