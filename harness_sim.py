@@ -169,6 +169,30 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> bool:
     return False
 
 
+def venv_made_once(folder: str, make: Callable[[], None]) -> str:
+    """folder/bin/python, once `make()` has filled the venv: made once and kept, by whichever test worker
+    asks first while the others wait; a make that failed half-way is made again."""
+    import fcntl
+
+    marker = os.path.join(folder, ".made")
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(marker):
+            make()
+            with open(marker, "w"):
+                pass
+    return os.path.join(folder, "bin", "python")
+
+
+def simulator_python(simulator: str) -> str:
+    """The Python of the simulator's own environment, .venvs/NAME, made by `bash .ci/setup --simulator
+    NAME` (from PyPI) when it is not there yet; the server finds it there by itself."""
+    folder = os.path.join(HERE, ".venvs", simulator)
+    return venv_made_once(folder, lambda: subprocess.run(["bash", ".ci/setup", "--simulator", simulator], cwd=HERE,
+                                                         check=True, timeout=1800, stdout=subprocess.DEVNULL))
+
+
 def children_of(pid: int) -> List[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(line) for line in out.split()]

@@ -46,6 +46,8 @@ from harness_sim import (
     libero_suite,
     pid_alive,
     running_server,
+    simulator_python,
+    venv_made_once,
     wait_until,
 )
 from server.workers import MAX_TASKS_PER_WORKER
@@ -882,15 +884,17 @@ def oldest_python():
     interpreter SIM_TEST_CLIENT_PYTHON names."""
     if os.environ.get("SIM_TEST_CLIENT_PYTHON"):
         return os.environ["SIM_TEST_CLIENT_PYTHON"]
-    python = os.path.join(OLDEST_PYTHON_VENV, "bin", "python")
-    if not os.path.exists(python):
-        base = find_python(OLDEST_PYTHON)
-        if base is None:
-            pytest.skip(f"NO PYTHON {OLDEST_PYTHON} HERE: the client's oldest-Python tests did not run "
-                        "(pyenv install 3.8, or set SIM_TEST_CLIENT_PYTHON)")
+    base = find_python(OLDEST_PYTHON)
+    if base is None and not os.path.exists(os.path.join(OLDEST_PYTHON_VENV, ".made")):
+        pytest.skip(f"NO PYTHON {OLDEST_PYTHON} HERE: the client's oldest-Python tests did not run "
+                    "(pyenv install 3.8, or set SIM_TEST_CLIENT_PYTHON)")
+
+    def make() -> None:
         subprocess.run([base, "-m", "venv", OLDEST_PYTHON_VENV], check=True, timeout=300)
-        subprocess.run([python, "-m", "pip", "install", "-q", "pyzmq", "msgpack", "numpy"], check=True, timeout=600)
-    return python
+        subprocess.run([os.path.join(OLDEST_PYTHON_VENV, "bin", "python"), "-m", "pip", "install", "-q", "pyzmq",
+                        "msgpack", "numpy"], check=True, timeout=600)
+
+    return venv_made_once(OLDEST_PYTHON_VENV, make)
 
 
 def python_version(python: str) -> str:
@@ -1331,12 +1335,13 @@ WebsocketPolicyServer(CheckingPolicy(), host="127.0.0.1", port=int(sys.argv[1]),
 @pytest.fixture(scope="session")
 def openpi_python():
     """The Python of a venv holding the real openpi-server package (numpy<2), made once and kept."""
-    python = os.path.join(OPENPI_VENV, "bin", "python")
-    if not os.path.exists(python):
+    def make() -> None:
         subprocess.run([sys.executable, "-m", "venv", OPENPI_VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "openpi-server==0.1.0", "openpi-client==0.1.2",
-                        "typing_extensions", "pyzmq"], check=True, timeout=600)
-    return python
+        subprocess.run([os.path.join(OPENPI_VENV, "bin", "python"), "-m", "pip", "install", "-q",
+                        "openpi-server==0.1.0", "openpi-client==0.1.2", "typing_extensions", "pyzmq"], check=True,
+                       timeout=600)
+
+    return venv_made_once(OPENPI_VENV, make)
 
 
 @pytest.mark.slow
@@ -2072,12 +2077,12 @@ OLD_GYMNASIUM_VENV = os.path.join(HERE, ".test_venvs", "gymnasium-0.29")
 @pytest.fixture(scope="session")
 def old_gymnasium_python():
     """A venv with another Gymnasium and NumPy than the server's, and no pyzmq: made once and kept."""
-    python = os.path.join(OLD_GYMNASIUM_VENV, "bin", "python")
-    if not os.path.exists(python):
+    def make() -> None:
         subprocess.run([sys.executable, "-m", "venv", OLD_GYMNASIUM_VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "gymnasium==0.29.1", "numpy==1.26.4", "msgpack"],
-                       check=True, timeout=600)
-    return python
+        subprocess.run([os.path.join(OLD_GYMNASIUM_VENV, "bin", "python"), "-m", "pip", "install", "-q",
+                        "gymnasium==0.29.1", "numpy==1.26.4", "msgpack"], check=True, timeout=600)
+
+    return venv_made_once(OLD_GYMNASIUM_VENV, make)
 
 
 @pytest.mark.slow

@@ -214,6 +214,18 @@ def require_task(loaded: bool, method: str) -> None:
         raise NoTaskLoaded(f"{method} needs a task: call load_task first")
 
 
+def require_seed(seed: Optional[int], init_state_index: Optional[int], no_init_states: str,
+                 default: int = 0, limit: int = 2**32) -> int:
+    """Reset's seed (`default` when none) for a simulator that draws its start from a seed: InvalidParams
+    when an init state is asked (`no_init_states` says why there are none) or the seed is out of range."""
+    if init_state_index is not None:
+        raise InvalidParams(no_init_states)
+    seed = default if seed is None else seed
+    if not 0 <= seed < limit:
+        raise InvalidParams(f"seed must be in [0, {limit})")
+    return seed
+
+
 def require_action(action: Dict[str, np.ndarray], key: str, shape: Tuple[int, ...]) -> np.ndarray:
     """The named action as float64 of `shape`, or InvalidParams saying what is wrong."""
     if key not in action:

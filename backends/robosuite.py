@@ -36,6 +36,7 @@ from backends.base import (
     package_versions,
     require_action,
     require_modules,
+    require_seed,
     require_task,
     stack_versions,
 )
@@ -154,11 +155,8 @@ class RobosuiteBackend(SimulatorBackend):
     def reset(self, seed: Optional[int] = None, init_state_index: Optional[int] = None
               ) -> Tuple[Observation, Dict[str, Any]]:
         require_task(self.env is not None, "reset")
-        if init_state_index is not None:
-            raise InvalidParams("robosuite environments have no init states; pass seed instead")
-        seed = DEFAULT_SEED if seed is None else seed
-        if not 0 <= seed < 2**32:
-            raise InvalidParams("seed must be in [0, 2**32)")
+        seed = require_seed(seed, init_state_index, "robosuite environments have no init states; pass seed instead",
+                            default=DEFAULT_SEED)
         np.random.seed(seed)  # robosuite 1.4 draws placements from numpy's global RNG
         observation = self.env.reset()
         self.steps = 0

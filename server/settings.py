@@ -9,6 +9,9 @@ from typing import Dict, List, Optional, Tuple
 
 from backends import available_backends
 
+# Where `bash .ci/setup --simulator NAME` makes a simulator's own environment.
+SIMULATOR_ENVIRONMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venvs")
+
 
 class SetupError(Exception):
     """The server cannot start as configured; main() says why in one line and exits 2."""
@@ -27,9 +30,13 @@ def simulator_names(text: str) -> Tuple[str, ...]:
 
 
 def interpreter_settings(simulators: Tuple[str, ...], flags: List[str]) -> Dict[str, str]:
-    """simulator -> interpreter from SIM_PYTHON_<NAME> and --python NAME=INTERPRETER (the flag wins)."""
-    interpreters = {name: os.environ[f"SIM_PYTHON_{name.upper()}"] for name in simulators
-                    if os.environ.get(f"SIM_PYTHON_{name.upper()}")}
+    """simulator -> interpreter: the simulator's own environment `.venvs/<NAME>` when
+    `bash .ci/setup --simulator NAME` made one, else SIM_PYTHON_<NAME>, else --python NAME=INTERPRETER
+    (each later one wins). A simulator with none runs under the server's own Python."""
+    interpreters = {name: os.path.join(SIMULATOR_ENVIRONMENTS, name, "bin", "python") for name in simulators
+                    if os.path.exists(os.path.join(SIMULATOR_ENVIRONMENTS, name, "bin", "python"))}
+    interpreters.update({name: os.environ[f"SIM_PYTHON_{name.upper()}"] for name in simulators
+                         if os.environ.get(f"SIM_PYTHON_{name.upper()}")})
     for flag in flags:
         name, equals, interpreter = flag.partition("=")
         if not (equals and name and interpreter):
