@@ -377,6 +377,116 @@ def bench_libero_episodes_per_hour() -> list:
     return rows
 
 
+# --- simulators in their own environments ------------------------------------
+
+# The same backend stepped in its own interpreter, with no server: the in-process side of a ratio.
+STEP_TIMER = """
+import json, sys, time
+import numpy as np
+from backends import get_backend
+backend_class = get_backend(sys.argv[1])
+backend_class.prepare_server()  # as the server does before its simulator processes start (renderer, ...)
+backend = backend_class()
+backend.load_task(sys.argv[2], **json.loads(sys.argv[3]))
+backend.reset()
+action = {"action": np.zeros(int(sys.argv[4]))}
+for line in sys.stdin:
+    steps, started = int(line), time.perf_counter()
+    for _ in range(steps):
+        if any(backend.step(action)[2:4]):
+            backend.reset()
+    print((time.perf_counter() - started) / steps, flush=True)
+"""
+
+
+def remote_vs_in_process(simulator: str, task: str, action_dim: int, load_options: dict, chunk: int = 1,
+                         blocks: int = 6, steps: int = 40) -> tuple:
+    """(remote, in-process) seconds per executed action, medians over interleaved blocks of `steps`."""
+    import json
+
+    from backends.base import choose_renderer
+    from harness_sim import simulator_python
+
+    choose_renderer()  # MUJOCO_GL for the in-process side, as the server sets it for its processes
+    server = ServerProcess(simulator)
+    timer = subprocess.Popen([simulator_python(simulator), "-c", STEP_TIMER, simulator, task, json.dumps(load_options),
+                              str(action_dim)], cwd=os.path.dirname(os.path.abspath(__file__)), text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    remote, local = [], []
+    action = np.zeros((chunk, action_dim)) if chunk > 1 else np.zeros(action_dim)
+    try:
+        with sim_client.SimulatorClient(server.address, timeout_s=120) as sim:
+            sim.load_task(task, **load_options)
+            sim.reset()
+            for _ in range(blocks):
+                started = time.perf_counter()
+                for _ in range(steps // chunk):
+                    result = sim.step(action)
+                    if result["terminated"] or result["truncated"]:
+                        sim.reset()
+                remote.append((time.perf_counter() - started) / steps)
+                timer.stdin.write(f"{steps}\n")
+                timer.stdin.flush()
+                local.append(float(timer.stdout.readline()))
+    finally:
+        timer.kill()
+        server.stop()
+    return statistics.median(remote), statistics.median(local)
+
+
+def episodes_per_hour(simulator: str, task: str, action_dim: int, load_options: dict, episodes: int = 2) -> tuple:
+    """(episodes per hour, steps per episode) of a zero policy over as many sessions as cores, loading included."""
+    cores = os.cpu_count() or 1
+    server = ServerProcess(simulator)
+    try:
+        settings = EvaluationSettings(addresses=[server.address], tasks=[task], episodes=episodes * cores,
+                                      parallel=cores, load_options=load_options)
+        started = time.perf_counter()
+        results = Evaluation(settings, Policy(lambda observation, task_info: np.zeros(action_dim))).run()
+        elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    return len(results) * 3600 / elapsed, results[0].steps
+
+
+def bench_metaworld() -> list:
+    """Meta-World's step through the server against the same backend in its own Python: state only
+    (1-2 ms of physics, where the server's round trip shows), a chunk of 10, and with its camera."""
+    rows = []
+    for label, options, chunk in (("state only", {"cameras": []}, 1), ("state only, chunks of 10", {"cameras": []}, 10),
+                                  ("corner2 256x256", {}, 1)):
+        remote, local = remote_vs_in_process("metaworld", "metaworld/reach-v3", 4, options, chunk)
+        rows.append(row(f"Meta-World step, remote vs in-process ({label})", remote, local, goal="<= 1.05x"))
+    rate, steps = episodes_per_hour("metaworld", "metaworld/reach-v3", 4, {})
+    rows.append((f"Meta-World episodes/hour, zero policy, reach-v3, corner2 256x256 ({steps} steps)",
+                 f"{rate:.0f}/h", "", "", f"cores: {os.cpu_count()}"))
+    return rows
+
+
+def bench_kitchen() -> list:
+    """Franka Kitchen's step through the server against the same backend in its own Python."""
+    rows = []
+    for label, options in (("state only", {}), ("image 128x128", {"render": True})):
+        remote, local = remote_vs_in_process("kitchen", "kitchen/complete", 9, options)
+        rows.append(row(f"Franka Kitchen step, remote vs in-process ({label})", remote, local, goal="<= 1.05x"))
+    rate, steps = episodes_per_hour("kitchen", "kitchen/complete", 9, {"render": True})
+    rows.append((f"Franka Kitchen episodes/hour, zero policy, kitchen/complete, image 128x128 ({steps} steps)",
+                 f"{rate:.0f}/h", "", "", f"cores: {os.cpu_count()}"))
+    return rows
+
+
+def bench_maniskill() -> list:
+    """ManiSkill3's step through the server against the same backend in its own Python (lavapipe renders)."""
+    rows = []
+    for label, options in (("state only", {"cameras": False}), ("camera 128x128", {})):
+        remote, local = remote_vs_in_process("maniskill", "maniskill/PickCube-v1", 7, options)
+        rows.append(row(f"ManiSkill3 step, remote vs in-process ({label})", remote, local, goal="<= 1.05x"))
+    rate, steps = episodes_per_hour("maniskill", "maniskill/PickCube-v1", 7, {})
+    rows.append((f"ManiSkill3 episodes/hour, zero policy, PickCube-v1, camera 128x128 ({steps} steps)",
+                 f"{rate:.0f}/h", "", "", f"cores: {os.cpu_count()}"))
+    return rows
+
+
 def page_viewer(url: str, stop: threading.Event) -> None:
     """What an open dashboard page asks for: status and thumbnails, once a second."""
     import urllib.request
@@ -435,18 +545,19 @@ def bench_libero_dashboard() -> list:
 
 TRANSPORT = ("codec", "round_trip", "dashboard", "parallel_sessions", "batching")
 LIBERO = ("libero", "libero_dashboard", "libero_cameras", "render_threads", "libero_chunks", "libero_episodes_per_hour")
+OWN_ENVIRONMENTS = ("metaworld", "kitchen", "maniskill")  # made by .ci/setup --simulator NAME when missing
 
 
 def main() -> int:
     parser = sim_client.OneLineParser(prog="bench_sim.py", description=__doc__.splitlines()[0])
     parser.add_argument("--no-libero", action="store_true", help="skip the LIBERO figures")
     parser.add_argument("--only", default=None, metavar="NAME,...",
-                        help=f"only these groups of rows: {', '.join(TRANSPORT + LIBERO)}")
+                        help=f"only these groups of rows: {', '.join(TRANSPORT + LIBERO + OWN_ENVIRONMENTS)}")
     args = parser.parse_args()
-    names = TRANSPORT if args.no_libero else TRANSPORT + LIBERO
+    names = TRANSPORT if args.no_libero else TRANSPORT + LIBERO + OWN_ENVIRONMENTS
     if args.only:
         names = tuple(name.strip() for name in args.only.split(","))
-        unknown = sorted(set(names) - set(TRANSPORT + LIBERO))
+        unknown = sorted(set(names) - set(TRANSPORT + LIBERO + OWN_ENVIRONMENTS))
         if unknown:
             parser.error(f"--only {', '.join(unknown)}: no such rows")
     rows = [line for name in names for line in globals()[f"bench_{name}"]()]
