@@ -200,16 +200,24 @@ def children_of(pid: int) -> List[int]:
 
 # --- pytest plugin (pytest.ini loads this module with -p) --------------------
 
+# Module-scoped servers of simulators in their own environments: their tests share one per run.
+SHARED_SERVERS = ("metaworld_server", "kitchen_server", "maniskill_server")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Every LIBERO test in one xdist group (they share a server and a session), every Ray test in
-    another (they share a Ray head): each group runs on one worker, one test after another."""
+    another (they share a Ray head), and the tests of each shared server in one more (it starts
+    once, not on each worker): each group runs on one worker, one test after another."""
     import pytest
 
     for item in items:
+        shared = [name for name in SHARED_SERVERS if name in getattr(item, "fixturenames", ())]
         if item.get_closest_marker("libero"):
             item.add_marker(pytest.mark.xdist_group("libero"))
         elif item.name.startswith("test_ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 # --- LIBERO in-process, as the reference a server is compared with ------------

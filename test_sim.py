@@ -2621,7 +2621,6 @@ def test_maniskill_episode_equals_maniskill_in_process_bit_for_bit(maniskill_ser
 MANISKILL_SUCCESS = """
 import numpy as np
 from backends.maniskill import ManiSkillBackend
-ManiSkillBackend.prepare_server()
 backend = ManiSkillBackend()
 task_info = backend.load_task("maniskill/PushCube-v1", cameras=False)
 assert task_info["language"] == "Push and move a cube to a goal region in front of it", task_info
