@@ -23,7 +23,7 @@ import sim_client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 START_TIMEOUT_S = 60
-REPLY_TIMEOUT_MS = 30_000
+REPLY_TIMEOUT_MS = 120_000  # a bound on a hang: a busy machine makes a ManiSkill load take 45 s
 
 
 def free_port() -> int:
@@ -95,13 +95,14 @@ class RawClient:
 
 
 class ServerProcess:
-    """`python sim_server.py` on a free loopback port, stopped with SIGTERM."""
+    """`python sim_server.py` (or `command`) on a free loopback port, stopped with SIGTERM."""
 
     def __init__(self, simulator: str = "mock", *args: str, env: Optional[dict] = None,
-                 address: Optional[str] = None, stderr=None, probe_keys: Optional[dict] = None) -> None:
+                 address: Optional[str] = None, stderr=None, probe_keys: Optional[dict] = None,
+                 command: Optional[List[str]] = None) -> None:
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "sim_server.py"), "--simulator", simulator,
+            [*(command or [sys.executable, os.path.join(HERE, "sim_server.py")]), "--simulator", simulator,
              "--bind", self.address.replace("127.0.0.1", "0.0.0.0") if address else self.address,
              "--log-level", "WARNING", *args],
             env={**os.environ, **(env or {})}, cwd=HERE, stderr=stderr)
