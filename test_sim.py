@@ -15,11 +15,13 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import msgpack
 import numpy as np
@@ -1982,6 +1984,50 @@ class TestMockContract(BackendContract):
     @pytest.fixture
     def server(self, mock_server):
         return mock_server
+
+
+# --- installed with pip rather than cloned --------------------------------------
+
+PACKAGED = ["pyproject.toml", "README.md", "sim_server.py", "sim_client.py", "sim_eval.py", "sim_gym.py", "backends",
+            "server", "evaluation"]
+
+
+@pytest.mark.slow
+def test_pip_installed_project_serves_from_its_commands(tmp_path):
+    """pyproject.toml builds a wheel of the scripts and packages (nothing of the tests), and its
+    sim-server command serves sessions whose processes import the installed copy."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in PACKAGED:
+        path = os.path.join(HERE, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, source)
+    uv = os.path.join(os.path.dirname(sys.executable), "uv")
+    subprocess.run([uv, "build", "-q", "--wheel", "--out-dir", str(tmp_path / "dist"), str(source)], check=True,
+                   timeout=600, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist() if ".dist-info" not in name}
+    assert tops == {"sim_server.py", "sim_client.py", "sim_eval.py", "sim_gym.py", "backends", "server", "evaluation"}
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(tmp_path / "venv")], check=True, timeout=300)
+    subprocess.run([uv, "pip", "install", "-q", "--python", str(tmp_path / "venv" / "bin" / "python"), str(wheel)],
+                   check=True, timeout=600, capture_output=True)
+    bin_folder = tmp_path / "venv" / "bin"
+    for command in ("sim-server", "sim-eval", "sim-client"):
+        assert subprocess.run([str(bin_folder / command), "--help"], capture_output=True, timeout=120,
+                              cwd=tmp_path).returncode == 0, command
+    server = ServerProcess("mock", command=[str(bin_folder / "sim-server")])
+    try:
+        client = server.client()
+        assert client.request("load_task", task_name="reach_center")["status"] == "ok"
+        assert client.request("reset", seed=1)["status"] == "ok"
+        assert client.request("step", action=np.zeros(7))["status"] == "ok"
+        client.request("disconnect")
+        client.close()
+    finally:
+        assert server.stop() == 0
 
 
 # --- several simulators in one server, each in its own Python -----------------

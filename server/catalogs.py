@@ -17,6 +17,11 @@ from backends.catalog import catalog_snapshot
 
 log = logging.getLogger("sim_server")
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# From a checkout, simulator processes import backends/ from it (their working folder). Installed with
+# pip, the project sits in a site-packages that another interpreter must not put first on its path
+# (its numpy would shadow the environment's own): each then imports the copy installed beside it.
+INSTALLED = os.path.basename(HERE) in ("site-packages", "dist-packages")
+PROCESS_CWD = tempfile.gettempdir() if INSTALLED else HERE
 # Reading a catalog imports the simulator and probes its renderer: seconds, not minutes.
 CATALOG_TIMEOUT_S = 180.0
 # How much of a failed interpreter's stderr an error reply quotes.
@@ -97,7 +102,7 @@ def read_catalog(simulator: str, interpreter: str) -> Catalog:
     with tempfile.TemporaryDirectory(prefix="sim-catalog-") as folder:
         path = os.path.join(folder, "catalog.json")
         try:
-            result = subprocess.run([interpreter, "-m", "backends.catalog", simulator, path], cwd=HERE,
+            result = subprocess.run([interpreter, "-m", "backends.catalog", simulator, path], cwd=PROCESS_CWD,
                                     stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                                     timeout=CATALOG_TIMEOUT_S)
         except OSError as error:

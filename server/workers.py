@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
 
 from backends.base import BackendError, ServerBusy
-from server.catalogs import HERE, Catalog, stderr_tail
+from server.catalogs import PROCESS_CWD, Catalog, stderr_tail
 
 log = logging.getLogger("sim_server")
 
@@ -80,7 +80,8 @@ class Worker:
             self.process = subprocess.Popen(
                 [catalog.interpreter, "-m", "backends.worker", str(worker_end.fileno()), catalog.simulator,
                  session_id, log_level],
-                pass_fds=[worker_end.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=HERE)
+                pass_fds=[worker_end.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                cwd=PROCESS_CWD)
         except OSError as error:
             parent_end.close()
             raise BackendError(f"cannot start a {catalog.simulator} simulator with {catalog.interpreter}: "
