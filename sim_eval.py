@@ -4,6 +4,7 @@
         --episodes 50 --parallel 8 --policy my_policy:act --results spatial.json --videos videos/
     python sim_eval.py --address tcp://sim:5555 --suite libero_spatial --policy openpi://gpu-box:8000
     python sim_eval.py ... --policy my_policy:act_batch --batch-size 8     # one forward pass for 8 sessions
+    python sim_eval.py compare old.json new.json     # the same episodes under two policies, pair by pair
 
 A policy is `module:function`, called `function(observation, task_info)` and returning an action
 or an [K, A] chunk; with --batch-size B it is called with lists, `function(observations,
@@ -27,6 +28,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from evaluation import SetupError
+from evaluation.compare import compare_runs, comparison_json, load_run, print_comparison
 from evaluation.openpi import DEFAULT_REPLAN_STEPS
 from evaluation.policies import DEFAULT_BATCH_WAIT_MS, DEFAULT_POLICY_TIMEOUT_S, load_policy
 from evaluation.records import lerobot_eval_info
@@ -46,7 +48,8 @@ LOCAL_RAY = "local"  # --ray without an address
 
 def parser() -> argparse.ArgumentParser:
     """The flags of sim_eval.py."""
-    parser = OneLineParser(prog="sim_eval.py", description="Evaluate a policy on simulator servers.")
+    parser = OneLineParser(prog="sim_eval.py", description="Evaluate a policy on simulator servers.",
+                           epilog="sim_eval.py compare A.json B.json compares two runs pair by pair (compare --help).")
     parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
     parser.add_argument("--policy", default="zero",
                         help="zero, random, module:function(observation, task_info), or openpi://HOST:PORT")
@@ -60,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--videos-failed-only", action="store_true", help="keep videos of failed episodes only")
     parser.add_argument("--chart", default=None, help="PNG bar chart of success rates with 95%% intervals")
     parser.add_argument("--report", default=None, help="self-contained HTML report of the run")
+    parser.add_argument("--compare-with", default=None, metavar="OTHER.json",
+                        help="add a pair-by-pair comparison with this earlier run to the report (needs --report)")
     parser.add_argument("--lerobot-json", default=None, help="also write LeRobot's eval_info.json shape here")
     parser.add_argument("--force", action="store_true", help="resume a results file made with other settings")
     parser.add_argument("--load-option", action="append", default=[], metavar="KEY=JSON",
@@ -92,6 +97,31 @@ def parser() -> argparse.ArgumentParser:
                            help="start the servers, print their addresses and keep them up until interrupted")
     ray_flags.add_argument("--addresses-file", default=None, help="write the servers' addresses here, one a line")
     return parser
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    """The flags of `sim_eval.py compare`."""
+    parser = OneLineParser(prog="sim_eval.py compare",
+                           description="Compare two results files episode by episode (pairs: task, init state, "
+                                       "seed): both success rates, B - A with a 95% interval for paired "
+                                       "proportions, McNemar's exact p-value.")
+    parser.add_argument("results_a", metavar="A.json", help="the first run's results file")
+    parser.add_argument("results_b", metavar="B.json", help="the second run's results file")
+    parser.add_argument("--force", action="store_true",
+                        help="compare runs whose score-deciding settings differ (stack, convention, horizon, ...)")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    return parser
+
+
+def compare(argv: List[str]) -> int:
+    """sim_eval.py compare: print the paired comparison of two results files."""
+    args = compare_parser().parse_args(argv)
+    comparison = compare_runs(args.results_a, args.results_b, args.force)
+    if args.json:
+        print(json.dumps(comparison_json(comparison), indent=1))
+    else:
+        print_comparison(comparison)
+    return 0
 
 
 def parse_load_options(options: List[str]) -> Dict[str, Any]:
@@ -169,6 +199,10 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
     load_options = parse_load_options(args.load_option)
     if args.batch_size < 1 or args.parallel < 1 or args.episodes < 1 or args.policy_timeout <= 0:
         raise SetupError("--batch-size, --parallel and --episodes must be at least 1, --policy-timeout above 0")
+    if args.compare_with and not args.report:
+        raise SetupError("--compare-with adds a section to the report: give --report too")
+    if args.compare_with:
+        load_run(args.compare_with)
     policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.policy_timeout, args.replan_steps)
     check_servers(addresses, client_options, min(PREFLIGHT_TIMEOUT_S, args.timeout))
     tasks = resolve_tasks(addresses[0], args.tasks, args.suite, client_options)
@@ -200,10 +234,28 @@ def write_outputs(args: argparse.Namespace, evaluation: Evaluation, tasks: List[
         with open(args.lerobot_json, "w") as lerobot_file:
             json.dump(lerobot_eval_info(evaluation.results, tasks, elapsed_s), lerobot_file, indent=1)
     if args.report:
-        write_report(args.report, evaluation)
+        write_report(args.report, evaluation, report_comparison(args))
+
+
+def report_comparison(args: argparse.Namespace):
+    """--compare-with: the comparison of that run (A) with this one (B), or why it was refused."""
+    if not args.compare_with:
+        return None
+    try:
+        return compare_runs(args.compare_with, args.results, args.force)
+    except SetupError as error:
+        print(f"sim_eval: --compare-with: {error}", file=sys.stderr)
+        return str(error)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        try:
+            return compare(argv[1:])
+        except SetupError as error:
+            print(f"sim_eval compare: {error}", file=sys.stderr)
+            return 2
     args = parser().parse_args(argv)
     try:
         return run_with_ray(args) if args.ray is not None else run(args)

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 import sim_client
 import sim_server
 from backends.base import InvalidParams
+from evaluation.compare import mcnemar_exact_p, paired_difference_interval
 from evaluation.policies import Policy, PolicyBatcher, load_policy
 from evaluation.report import summarize, wilson_interval
 from evaluation.runner import Evaluation, EvaluationSettings
@@ -737,21 +738,24 @@ def test_help_documents_every_setting_with_its_env_var():
     assert "now 42.0" in out
 
 
-SCRIPTS = ["sim_server.py", "sim_client.py", "sim_eval.py", "parity_sim.py", "bench_sim.py", "soak_sim.py"]
+SCRIPTS = ["sim_server.py", "sim_client.py", "sim_eval.py", "parity_sim.py", "bench_sim.py", "soak_sim.py",
+           "sim_eval.py compare"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_scripts_help_exits_0_and_describes_it(script):
-    result = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, *script.split(), "--help"], cwd=HERE, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {script}") and "--help" in result.stdout and not result.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_scripts_bad_flag_is_one_line_and_exit_2(script):
-    required = ["--in-process"] if script == "parity_sim.py" else []  # argparse reports a missing choice first
-    result = subprocess.run([sys.executable, script, *required, "--no-such-flag"], cwd=HERE, capture_output=True,
-                            text=True, timeout=60)
+    # argparse reports a missing choice or argument first
+    required = {"parity_sim.py": ["--in-process"], "sim_eval.py compare": ["a.json", "b.json"]}.get(script, [])
+    result = subprocess.run([sys.executable, *script.split(), *required, "--no-such-flag"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
     assert_one_line_exit_2(result, f"{script}: ", "--no-such-flag", "--help")
 
 
@@ -954,11 +958,13 @@ def test_every_documented_command_runs_a_script_of_ours_with_flags_it_has():
                 continue
             script = os.path.join(HERE, word)
             assert os.path.exists(script), f"{page}: {command!r} runs {word}, which is not here"
-            if word not in helps:
-                helps[word] = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
-                                             text=True, timeout=60).stdout
+            subcommand = words[index + 1:index + 2] if words[index + 1:] and words[index + 1].isidentifier() else []
+            key = " ".join([word, *subcommand])
+            if key not in helps:
+                helps[key] = subprocess.run([sys.executable, script, *subcommand, "--help"], cwd=HERE,
+                                            capture_output=True, text=True, timeout=60).stdout
             for flag in [w.split("=")[0] for w in words[index + 1:] if w.startswith("--") and " " not in w]:
-                assert flag in helps[word], f"{page}: {command!r}: {word} has no {flag}"
+                assert flag in helps[key], f"{page}: {command!r}: {key} has no {flag}"
             checked += 1
     assert checked >= 20  # the README and the docs are full of them
 
@@ -1206,6 +1212,8 @@ def test_batched_policy_that_raises_fails_every_episode_in_its_batch_and_the_run
     (["--policy", "openpi://nowhere"], "openpi://HOST:PORT"),
     (["--load-option", "camera_width"], "KEY=JSON"),
     (["--suite", "libero_nothing"], "no task suites"),
+    (["--compare-with", "old.json"], "give --report too"),
+    (["--compare-with", "old.json", "--report", "report.html"], "cannot read old.json"),
 ])
 def test_bad_eval_input_is_one_line_and_exit_2_before_any_episode(short_mock_server, tmp_path, args, message):
     results = tmp_path / "results.json"
@@ -1213,6 +1221,80 @@ def test_bad_eval_input_is_one_line_and_exit_2_before_any_episode(short_mock_ser
     assert result.returncode == 2, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not results.exists()
+
+
+# --- comparing two runs pair by pair ---------------------------------------------
+
+def test_paired_statistics_equal_the_published_reference():
+    """contingencytables (Fagerland, Lydersen and Laake) on Cavo et al. 2012's table [[59, 6], [16, 80]]:
+    square-and-add -0.0621 (95% CI -0.1186 to -0.0046), McNemar exact conditional P = 0.052479."""
+    from scipy.stats import binomtest
+
+    estimate, low, high = paired_difference_interval(59, 6, 16, 80)
+    assert (round(estimate, 4), round(low, 4), round(high, 4)) == (-0.0621, -0.1186, -0.0046)
+    assert round(mcnemar_exact_p(6, 16), 6) == round(mcnemar_exact_p(16, 6), 6) == 0.052479
+    for only_a, only_b in [(0, 0), (0, 7), (3, 3), (1, 12), (20, 31)]:
+        expected = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+        assert mcnemar_exact_p(only_a, only_b) == pytest.approx(expected, rel=1e-12)
+    low, high = paired_difference_interval(5, 0, 0, 5)[1:]  # no discordant pair: no difference, yet 10 pairs only
+    assert low == pytest.approx(-high) and -0.2 < low < -0.1
+    low, high = paired_difference_interval(0, 10, 0, 0)[1:]  # B always, A never
+    assert 0.0 < low < high == pytest.approx(1.0)
+
+
+GREEDY_POLICY = ("import numpy as np\n"
+                 "def act(observation, task_info):  # straight to reach_center's goal, the origin\n"
+                 "    return np.concatenate([np.clip(-observation['state'][:3] / 0.1, -1, 1), np.zeros(4)])\n")
+
+
+def test_sim_eval_compare_pairs_two_runs_and_refuses_other_settings(tmp_path, short_mock_server):
+    (tmp_path / "greedy.py").write_text(GREEDY_POLICY)
+    runs, report = {"a": tmp_path / "a.json", "b": tmp_path / "b.json"}, tmp_path / "b.html"
+    for name, policy, *extra in (("a", "zero"), ("b", "greedy:act", "--report", str(report), "--compare-with",
+                                                 str(runs["a"]))):
+        result = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "10",
+                              "--parallel", "2", "--policy", policy, "--results", str(runs[name]), *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    successes_b = sum(e["success"] for e in json.loads(runs["b"].read_text())["episodes"])
+    assert successes_b > 0  # the comparison has discordant pairs to count
+    page = report.read_text()
+    assert "Compared with another run, pair by pair" in page and "McNemar p" in page
+    assert f"<td>overall</td><td>10</td><td>0.0%</td><td>{successes_b / 10:.1%}</td>" in page
+
+    result = run_eval_cli("compare", str(runs["a"]), str(runs["b"]), "--json")
+    assert result.returncode == 0, result.stderr
+    overall = json.loads(result.stdout)["overall"]
+    assert (overall["pairs"], overall["both"], overall["only_a"], overall["only_b"]) == (10, 0, 0, successes_b)
+    assert overall["rate_a"] == 0.0 and overall["rate_b"] == successes_b / 10
+    assert overall["mcnemar_exact_p"] == mcnemar_exact_p(0, successes_b)
+    assert overall["difference_95"] == list(paired_difference_interval(0, successes_b, 0, 10 - successes_b)[1:])
+    table = run_eval_cli("compare", str(runs["a"]), str(runs["b"]))
+    assert table.returncode == 0 and "McNemar p" in table.stdout and "reach_center" in table.stdout
+
+    content = json.loads(runs["b"].read_text())  # an unpaired episode, a lost one, and another horizon
+    content["episodes"].append({**content["episodes"][0], "init_state_index": 40})
+    content["episodes"][1]["failure"] = "server_lost"
+    content["task_settings"]["reach_center"]["max_episode_steps"] = 7
+    runs["b"].write_text(json.dumps(content))
+    refused = run_eval_cli("compare", str(runs["a"]), str(runs["b"]))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "reach_center: max_episode_steps 6 vs 7" in refused.stderr, refused.stderr
+    forced = run_eval_cli("compare", str(runs["a"]), str(runs["b"]), "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    compared = json.loads(forced.stdout)
+    assert compared["overall"]["pairs"] == 9 and compared["b"]["unpaired"] == 1 and compared["a"]["unpaired"] == 1
+    assert compared["setting_differences"] == ["reach_center: max_episode_steps 6 vs 7"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.json", "missing.json"], "cannot read missing.json"),
+    (["sim_client.py", "sim_client.py"], "not a sim_eval.py results file"),
+    (["only_one.json"], "required: B.json"),
+])
+def test_bad_compare_input_is_one_line_and_exit_2(args, message):
+    result = run_eval_cli("compare", *args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_unreachable_server_or_policy_server_is_one_line_and_exit_2(short_mock_server):

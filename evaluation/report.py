@@ -135,9 +135,28 @@ def _media(record: EpisodeRecord, thumbnails: Dict[Tuple[str, int], List[str]]) 
     return "—"
 
 
-def write_report(path: str, evaluation) -> None:
+def _comparison(comparison) -> str:
+    """The section of a --compare-with run: the paired table, or why the runs were not compared."""
+    if comparison is None:
+        return ""
+    if isinstance(comparison, str):
+        return f'<h2>Compared with another run</h2>\n<p class="failure">not compared: {html.escape(comparison)}</p>'
+    from evaluation.compare import COLUMNS, comparison_notes, comparison_rows
+
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                   for row in comparison_rows(comparison))
+    notes = "".join(f"<p>{html.escape(note)}</p>" for note in comparison_notes(comparison))
+    return (f'<h2>Compared with another run, pair by pair</h2>\n<p>A: <code>{html.escape(comparison["a"]["path"])}'
+            f'</code> ({html.escape(str(comparison["a"]["policy"]))}); B: this run. B - A with a 95% interval for '
+            f"paired proportions, McNemar's exact p-value.</p>{notes}\n"
+            f'<table class="episodes comparison"><tr>{head}</tr>{rows}</table>')
+
+
+def write_report(path: str, evaluation, comparison=None) -> None:
     """One self-contained HTML page of a finished Evaluation: provenance, success bars with 95% intervals,
-    every episode."""
+    every episode; with `comparison` (compare_runs' result, or the reason it was refused) the paired
+    comparison with another run."""
     results = sorted(evaluation.results, key=lambda r: (r.task, r.init_state_index))
     run = evaluation.run_info()
     meta = "".join(f"<tr><td>{html.escape(key)}</td><td><code>{_cell(value)}</code></td></tr>"
@@ -165,6 +184,7 @@ def write_report(path: str, evaluation) -> None:
 {_bars(suites)}
 <h2>Success by task</h2>
 {_bars(summarize(results))}
+{_comparison(comparison)}
 <h2>Episodes ({len(results)})</h2>
 <table class="episodes"><tr><th>task</th><th>init state</th><th>seed</th><th>outcome</th><th>steps</th>
 <th>seconds</th><th>video or first and last frame</th></tr>
