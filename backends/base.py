@@ -309,6 +309,14 @@ def choose_renderer() -> Dict[str, str]:
     raise BackendError(f"MuJoCo found no offscreen renderer (tried EGL, OSMesa): {RENDERER_HINT}")
 
 
+def bounded_int(options: Dict[str, Any], name: str, default: Any, low: int, high: int) -> int:
+    """options[name] (or `default`) checked to be an int in [low, high]; InvalidParams naming the range."""
+    value = options.get(name, default)
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
+    return value
+
+
 def stack_versions(*packages: str) -> Dict[str, str]:
     """The named packages' versions plus numpy's and Python's, as this process has them."""
     versions = {"python": platform.python_version()}

@@ -33,6 +33,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    bounded_int,
     choose_renderer,
     observation_spec_of,
     package_versions,
@@ -168,9 +169,7 @@ class GymnasiumBackend(SimulatorBackend):
             kwargs["render_mode"] = "rgb_array"
             for option, keyword in (("render_width", "width"), ("render_height", "height")):
                 if option in options:
-                    if type(options[option]) is not int or not 8 <= options[option] <= 2048:
-                        raise InvalidParams(f"{option} must be an int in [8, 2048]")
-                    kwargs[keyword] = options[option]
+                    kwargs[keyword] = bounded_int(options, option, None, 8, 2048)
         if "max_episode_steps" in options:
             if type(options["max_episode_steps"]) is not int or options["max_episode_steps"] < 1:
                 raise InvalidParams("max_episode_steps must be a positive int")

@@ -32,6 +32,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    bounded_int,
     choose_renderer,
     observation_spec_of,
     package_versions,
@@ -182,14 +183,10 @@ def load_settings(options: Dict[str, Any]) -> Dict[str, Any]:
     render = bool(options.get("render", False))
     make: Dict[str, Any] = {"render_mode": "rgb_array"} if render else {}
     for option, keyword in (("render_width", "width"), ("render_height", "height")):
-        value = options.get(option, 128)
-        if type(value) is not int or not 8 <= value <= 2048:
-            raise InvalidParams(f"{option} must be an int in [8, 2048]")
+        value = bounded_int(options, option, 128, 8, 2048)
         if render:
             make[keyword] = value
-    horizon = options.get("max_episode_steps", HORIZON)
-    if type(horizon) is not int or not 1 <= horizon <= HORIZON:
-        raise InvalidParams(f"max_episode_steps must be an int in [1, {HORIZON}]")
+    horizon = bounded_int(options, "max_episode_steps", HORIZON, 1, HORIZON)
     return {"render": render, "make": make, "max_episode_steps": horizon}
 
 

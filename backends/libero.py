@@ -38,6 +38,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    bounded_int,
     choose_renderer,
     observation_spec_of,
     package_versions,
@@ -262,10 +263,10 @@ class LiberoBackend(SimulatorBackend):
         settle = convention["settle_steps"] if self.settle_steps_override is None else self.settle_steps_override
         settings = {
             "convention": name,
-            "camera_width": _bounded_int(options, "camera_width", self.camera_width, 8, 2048),
-            "camera_height": _bounded_int(options, "camera_height", self.camera_height, 8, 2048),
-            "max_episode_steps": _bounded_int(options, "max_episode_steps", horizon, 1, 100_000),
-            "settle_steps": _bounded_int(options, "settle_steps", settle, 0, 1000),
+            "camera_width": bounded_int(options, "camera_width", self.camera_width, 8, 2048),
+            "camera_height": bounded_int(options, "camera_height", self.camera_height, 8, 2048),
+            "max_episode_steps": bounded_int(options, "max_episode_steps", horizon, 1, 100_000),
+            "settle_steps": bounded_int(options, "settle_steps", settle, 0, 1000),
             "flip_images": bool(options.get("flip_images", convention["flip_images"])),
             "state": convention["state"],
             "observation_keys": options.get("observation_keys"),
@@ -491,13 +492,6 @@ def mujoco_parity_warning(version: str) -> Optional[str]:
     detail = "; ".join(consequences) or "this version was not checked against the reference"
     return (f"LIBERO on mujoco {version}, not the published stack's {PUBLISHED_MUJOCO}: {detail}. "
             "Numbers may not compare with papers; `pip install mujoco==3.2.3`, and run parity_sim.py to check.")
-
-
-def _bounded_int(options: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = options.get(name, default)
-    if type(value) is not int or not low <= value <= high:
-        raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
-    return value
 
 
 register_backend("libero", LiberoBackend)

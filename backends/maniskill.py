@@ -40,6 +40,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    bounded_int,
     observation_spec_of,
     package_versions,
     require_action,
@@ -201,10 +202,7 @@ def load_settings(options: Dict[str, Any], horizon: int) -> Dict[str, Any]:
     settings = {"cameras": cameras, "control_mode": control_mode}
     for name, default, low, high in (("camera_width", 128, 8, 1024), ("camera_height", 128, 8, 1024),
                                      ("max_episode_steps", horizon, 1, horizon)):
-        value = options.get(name, default)
-        if type(value) is not int or not low <= value <= high:
-            raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
-        settings[name] = value
+        settings[name] = bounded_int(options, name, default, low, high)
     return settings
 
 

@@ -43,6 +43,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    bounded_int,
     choose_renderer,
     observation_spec_of,
     package_versions,
@@ -321,13 +322,6 @@ def make_env(env_name: str, settings: Dict[str, Any]):
         env.reset()
         env._freeze_rand_vec = False  # LeRobot: a new configuration at every reset
     return env, list(benchmark.train_tasks)
-
-
-def bounded_int(options: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = options.get(name, default)
-    if type(value) is not int or not low <= value <= high:
-        raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
-    return value
 
 
 register_backend("metaworld", MetaWorldBackend)

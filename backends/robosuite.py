@@ -31,6 +31,7 @@ from backends.base import (
     StepResult,
     TaskNotFound,
     array_spec,
+    bounded_int,
     choose_renderer,
     observation_spec_of,
     package_versions,
@@ -99,8 +100,7 @@ def load_settings(task_name: str, options: Dict[str, Any]) -> Dict[str, Any]:
     if not (isinstance(cameras, list) and all(isinstance(c, str) for c in cameras)):
         raise InvalidParams("cameras must be a list of camera names")
     for name, low, high in (("camera_width", 8, 2048), ("camera_height", 8, 2048), ("horizon", 1, 100_000)):
-        if type(settings[name]) is not int or not low <= settings[name] <= high:
-            raise InvalidParams(f"{name} must be an int in [{low}, {high}]")
+        bounded_int(settings, name, None, low, high)
     if not isinstance(settings["controller"], str):
         raise InvalidParams("controller must be a controller name such as OSC_POSE")
     settings["reward_shaping"] = bool(settings["reward_shaping"])
