@@ -396,20 +396,23 @@ class SimulatorClient:
         reply = self.call("reset", **fields)
         return reply["observation"], reply["info"]
 
-    def step(self, action: Any, frame_key: Optional[str] = None) -> Dict[str, Any]:
+    def step(self, action: Any, frame_key: Optional[str] = None, render: bool = True) -> Dict[str, Any]:
         """One step; `action` is an array (sent as {"action": it}) or a map of name -> array, and an
         array with one more leading axis is a chunk of K actions, run in one round trip.
 
         Returns the reply: observation, reward, terminated, truncated, info (a chunk adds steps_run,
         rewards and successes). With `frame_key` (an observation key, e.g. a camera's), the reply's
         `frames` holds that key's observation after every step run: a chunk renders its other
-        cameras for its last step only.
+        cameras for its last step only. `render=False` leaves every camera image unrendered (blank),
+        but for `frame_key`'s: for a client that reads only the state (a replay).
         """
         if isinstance(action, dict):
             action = {name: np.asarray(value) for name, value in action.items()}
         else:
             action = np.asarray(action)
-        fields = {} if frame_key is None else {"frame_key": frame_key}
+        fields: Dict[str, Any] = {} if frame_key is None else {"frame_key": frame_key}
+        if not render:
+            fields["render"] = False
         return self.call("step", action=action, **fields)
 
     def get_info(self) -> Dict[str, Any]:

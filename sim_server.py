@@ -346,6 +346,12 @@ def optional_int(fields: Dict[str, Any], name: str) -> Optional[int]:
     return fields.get(name)
 
 
+def optional_bool(fields: Dict[str, Any], name: str, default: bool) -> bool:
+    if fields.get(name) is not None and type(fields[name]) is not bool:
+        raise InvalidParams(f"{name} must be true or false")
+    return default if fields.get(name) is None else fields[name]
+
+
 def load_task_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
     """task_name, and the backend's options: an "options" map plus any other top-level field."""
     task_name = required_string(fields, "task_name", "load_task")
@@ -361,14 +367,15 @@ def reset_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def step_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
-    """The action as {name: numeric array}, finite (a bare array or list means {"action": it}), and
-    the observation key whose frame of every step the reply should carry, if any."""
+    """The action as {name: numeric array}, finite (a bare array or list means {"action": it}), the
+    observation key whose frame of every step the reply should carry, if any, and whether the
+    reply's camera images are wanted (render=false: nobody looks at them, so none is rendered)."""
     if "action" not in fields:
         raise InvalidParams("step needs an 'action'")
     action = fields["action"]
     named = action if isinstance(action, dict) else {"action": action}
     return {"action": {str(name): numeric_action(str(name), value) for name, value in named.items()},
-            "frame_key": optional_string(fields, "frame_key")}
+            "frame_key": optional_string(fields, "frame_key"), "render": optional_bool(fields, "render", True)}
 
 
 def numeric_action(name: str, value: Any) -> np.ndarray:

@@ -1297,6 +1297,27 @@ def test_bad_compare_input_is_one_line_and_exit_2(args, message):
     assert message in result.stderr, result.stderr
 
 
+# --- steps that render nothing ------------------------------------------------
+
+def test_step_with_render_false_leaves_images_blank_and_changes_no_state(short_mock_server):
+    sessions = [short_mock_server.client(), short_mock_server.client()]
+    try:
+        for client in sessions:
+            assert client.request("load_task", task_name="reach_center")["status"] == "ok"
+            client.request("reset", seed=3)
+        chunk = np.full((2, 7), 0.3, np.float32)
+        drawn = sessions[0].request("step", action=chunk)
+        blind = sessions[1].request("step", action=chunk, render=False)
+        assert np.array_equal(drawn["observation"]["state"], blind["observation"]["state"])
+        assert drawn["observation"]["image"].any() and not blind["observation"]["image"].any()
+        again = [client.request("step", action=chunk[0]) for client in sessions]
+        assert np.array_equal(again[0]["observation"]["image"], again[1]["observation"]["image"])
+        assert_error(sessions[0].request("step", action=chunk[0], render="no"), "invalid_params")
+    finally:
+        for client in sessions:
+            client.close()
+
+
 def test_unreachable_server_or_policy_server_is_one_line_and_exit_2(short_mock_server):
     nobody = f"tcp://127.0.0.1:{free_port()}"
     result = run_eval_cli("--address", nobody, "--tasks", "reach_center", "--timeout", "1")

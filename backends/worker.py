@@ -67,7 +67,7 @@ class SessionSimulator:
             observation, info = self.backend.reset(seed=call["seed"], init_state_index=call["init_state_index"])
             self.episode_running = True
             return {"observation": observation, "info": info}
-        return self.step(call["action"], call["frame_key"])
+        return self.step(call["action"], call["frame_key"], call.get("render", True))
 
     def load_task(self, task_name: str, options: Dict[str, Any]) -> Dict[str, Any]:
         self.episode_running = False
@@ -82,12 +82,14 @@ class SessionSimulator:
         self.observation_keys = sorted(task_info["observation_spec"])
         return task_info
 
-    def step(self, action: Dict[str, np.ndarray], frame_key: Optional[str] = None) -> Dict[str, Any]:
+    def step(self, action: Dict[str, np.ndarray], frame_key: Optional[str] = None,
+             render: bool = True) -> Dict[str, Any]:
         """One action, or a chunk of K actions (one more leading axis) run until the episode ends.
 
         Only the observation a client receives is rendered: a chunk's steps before its last skip
         their camera images, but for `frame_key`'s, whose frame of every step the reply carries
-        in `frames` ([steps run, ...]) when asked.
+        in `frames` ([steps run, ...]) when asked. With `render` false the last step skips them
+        too (a replay that checks the state and looks at no picture).
         """
         if not self.episode_running:
             raise NotReset("step needs a running episode: call reset first")
@@ -100,10 +102,10 @@ class SessionSimulator:
         replies: List[Dict[str, Any]] = []
         for index, one_action in enumerate(actions):
             last = index == len(actions) - 1
-            with contextlib.nullcontext() if last else self.backend.frames_skipped(keep):
+            with contextlib.nullcontext() if last and render else self.backend.frames_skipped(keep):
                 replies.append(self.step_once(one_action))
             if not self.episode_running:
-                if not last:  # it ended early: the frames it skipped are the ones the client gets
+                if not last and render:  # it ended early: the frames it skipped are the ones the client gets
                     replies[-1]["observation"] = self.backend.render_skipped(replies[-1]["observation"])
                 break
         reply = replies[-1] if chunk is None else self.chunk_reply(replies)
