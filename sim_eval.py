@@ -5,6 +5,8 @@
     python sim_eval.py --address tcp://sim:5555 --suite libero_spatial --policy openpi://gpu-box:8000
     python sim_eval.py ... --policy my_policy:act_batch --batch-size 8     # one forward pass for 8 sessions
     python sim_eval.py compare old.json new.json     # the same episodes under two policies, pair by pair
+    python sim_eval.py verify spatial.json --parallel 4   # every episode replayed from its actions, no policy
+    python sim_eval.py replay spatial.json --episodes 3 --videos videos/   # a video after the fact
 
 A policy is `module:function`, called `function(observation, task_info)` and returning an action
 or an [K, A] chunk; with --batch-size B it is called with lists, `function(observations,
@@ -32,6 +34,15 @@ from evaluation.compare import compare_runs, comparison_json, load_run, print_co
 from evaluation.openpi import DEFAULT_REPLAN_STEPS
 from evaluation.policies import DEFAULT_BATCH_WAIT_MS, DEFAULT_POLICY_TIMEOUT_S, load_policy
 from evaluation.records import lerobot_eval_info
+from evaluation.replay import (
+    ForkResults,
+    RecordedRun,
+    Replayer,
+    fork_episode,
+    print_verification,
+    sampled,
+    verification_json,
+)
 from evaluation.report import print_table, save_chart, summarize, write_report
 from evaluation.runner import (
     PREFLIGHT_TIMEOUT_S,
@@ -49,7 +60,9 @@ LOCAL_RAY = "local"  # --ray without an address
 def parser() -> argparse.ArgumentParser:
     """The flags of sim_eval.py."""
     parser = OneLineParser(prog="sim_eval.py", description="Evaluate a policy on simulator servers.",
-                           epilog="sim_eval.py compare A.json B.json compares two runs pair by pair (compare --help).")
+                           epilog="sim_eval.py compare A.json B.json compares two runs pair by pair; "
+                                  "sim_eval.py verify RESULTS.json replays a run from its recorded actions; "
+                                  "sim_eval.py replay RESULTS.json replays, films or forks episodes (each has --help).")
     parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
     parser.add_argument("--policy", default="zero",
                         help="zero, random, module:function(observation, task_info), or openpi://HOST:PORT")
@@ -67,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                         help="add a pair-by-pair comparison with this earlier run to the report (needs --report)")
     parser.add_argument("--lerobot-json", default=None, help="also write LeRobot's eval_info.json shape here")
     parser.add_argument("--force", action="store_true", help="resume a results file made with other settings")
+    parser.add_argument("--no-actions", action="store_true",
+                        help="do not keep each episode's actions beside the results (RESULTS.actions/): "
+                             "the run then cannot be replayed or verified")
     parser.add_argument("--load-option", action="append", default=[], metavar="KEY=JSON",
                         help="load_task option, e.g. camera_width=224 or flip_images=true")
     parser.add_argument("--batch-size", type=int, default=1,
@@ -122,6 +138,121 @@ def compare(argv: List[str]) -> int:
     else:
         print_comparison(comparison)
     return 0
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the replaying servers are and how to reach them."""
+    parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per simulator call")
+    parser.add_argument("--simulator", default=None,
+                        help="simulator to select (default: the one the run used, as its results file says)")
+    parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
+    parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
+
+
+def replay_parser() -> argparse.ArgumentParser:
+    """The flags of `sim_eval.py replay`."""
+    parser = OneLineParser(prog="sim_eval.py replay",
+                           description="Re-run recorded episodes from their actions, with no policy, and check "
+                                       "them against the record; videos after the fact; fork an episode at a step.")
+    parser.add_argument("results", metavar="RESULTS.json", help="a results file with its RESULTS.actions/ folder")
+    parser.add_argument("--episodes", default=None, metavar="I,J",
+                        help="positions in the results file (default: all)")
+    parser.add_argument("--videos", default=None, help="folder for one video per replayed episode")
+    parser.add_argument("--video-camera", default=None, help="observation key the videos show (default: first image)")
+    parser.add_argument("--until-step", type=int, default=None, metavar="K",
+                        help="fork: replay the first K actions, then let --policy act")
+    parser.add_argument("--policy", default=None, help="fork: the policy that takes over at --until-step")
+    parser.add_argument("--fork-results", default=None, help="results file of the forks (default RESULTS.forks.json)")
+    parser.add_argument("--replan-steps", type=int, default=DEFAULT_REPLAN_STEPS,
+                        help="openpi://: actions of each returned chunk run before asking again")
+    parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
+                        help="seconds to wait for an openpi:// policy's action")
+    add_server_flags(parser)
+    return parser
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    """The flags of `sim_eval.py verify`."""
+    parser = OneLineParser(prog="sim_eval.py verify",
+                           description="Replay every episode of a run (or a seeded sample) and say, per task, "
+                                       "which verified; exit 0 only when all did.")
+    parser.add_argument("results", metavar="RESULTS.json", help="a results file with its RESULTS.actions/ folder")
+    parser.add_argument("--parallel", type=int, default=1, help="episodes at once, one session each")
+    parser.add_argument("--sample", type=int, default=None, metavar="N", help="verify N episodes drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="the seed that draws --sample")
+    parser.add_argument("--output", default=None,
+                        help="where the verification JSON goes (default RESULTS.verified.json)")
+    add_server_flags(parser)
+    return parser
+
+
+def client_options_of(args: argparse.Namespace) -> Dict[str, Optional[str]]:
+    return {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
+
+
+def replay(argv: List[str]) -> int:
+    """sim_eval.py replay: each episode checked against its record (or forked); 0 when all equal."""
+    args = replay_parser().parse_args(argv)
+    if (args.until_step is None) != (args.policy is None):
+        raise SetupError("a fork needs both --until-step K and --policy P")
+    run_record = RecordedRun(args.results)
+    indices = run_record.indices(args.episodes)
+    addresses = args.address or [DEFAULT_ADDRESS]
+    check_servers(addresses, client_options_of(args), min(PREFLIGHT_TIMEOUT_S, args.timeout))
+    videos = VideoWriter(args.videos, args.video_camera) if args.videos else None
+    replayer = Replayer(run_record, addresses, 1, client_options_of(args), args.timeout, videos)
+    if args.policy is not None:
+        return fork(args, replayer, indices)
+    outcomes = replayer.replay(indices)
+    return 0 if all(outcome.status == "verified" for outcome in outcomes) else 1
+
+
+def fork(args: argparse.Namespace, replayer: Replayer, indices: List[int]) -> int:
+    """replay --until-step K --policy P: each episode's first K actions, then P; kept as new episodes."""
+    policy = load_policy(args.policy, 1, DEFAULT_BATCH_WAIT_MS, args.policy_timeout, args.replan_steps)
+    run_record = replayer.run
+    forks = ForkResults(args.fork_results or os.path.splitext(args.results)[0] + ".forks.json", run_record, policy)
+    try:
+        with replayer.open(replayer.addresses[0]) as sim:
+            for index in indices:
+                task_info = replayer.load(sim, run_record.episodes[index].task)
+                record = forks.add(fork_episode(sim, task_info, run_record, index, args.until_step, policy), index,
+                                   args.until_step, replayer)
+                print(f"#{index} {record.task} init {record.init_state_index}: forked at step {args.until_step} to "
+                      f"{policy.name}: success {record.success} after {record.steps} steps "
+                      f"(recorded: {run_record.episodes[index].success})")
+    finally:
+        policy.close()
+    print(f"forks written to {forks.file.path}")
+    return 0
+
+
+def verify(argv: List[str]) -> int:
+    """sim_eval.py verify: replay a run (or a sample), print per task, write the JSON; 0 when all verified."""
+    args = verify_parser().parse_args(argv)
+    if args.parallel < 1:
+        raise SetupError("--parallel must be at least 1")
+    run_record = RecordedRun(args.results)
+    indices = sampled(run_record.indices(None), args.sample, args.seed)
+    addresses = args.address or [DEFAULT_ADDRESS]
+    check_servers(addresses, client_options_of(args), min(PREFLIGHT_TIMEOUT_S, args.timeout))
+    replayer = Replayer(run_record, addresses, args.parallel, client_options_of(args), args.timeout)
+    outcomes = replayer.replay(indices, show=False)
+    for outcome in outcomes:
+        if outcome.status != "verified":
+            print(outcome.line())
+    sample = {"n": len(indices), "of": len(run_record.episodes), "seed": args.seed} if args.sample else None
+    report = verification_json(replayer, outcomes, sample)
+    print_verification(report)
+    output = args.output or os.path.splitext(args.results)[0] + ".verified.json"
+    with open(output, "w") as output_file:
+        json.dump(report, output_file, indent=1)
+    print(f"verification written to {output}")
+    return 0 if report["all_verified"] else 1
+
+
+SUBCOMMANDS = {"compare": compare, "replay": replay, "verify": verify}
 
 
 def parse_load_options(options: List[str]) -> Dict[str, Any]:
@@ -210,7 +341,7 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
     settings = EvaluationSettings(
         addresses=addresses, tasks=tasks, episodes=args.episodes, parallel=args.parallel, results_path=args.results,
         load_options=load_options, timeout_s=args.timeout, videos=videos, keep_thumbnails=bool(args.report),
-        force=args.force, client_options=client_options)
+        force=args.force, client_options=client_options, record_actions=not args.no_actions)
     started = time.monotonic()
     evaluation = Evaluation(settings, policy, address_source)
     try:
@@ -250,12 +381,15 @@ def report_comparison(args: argparse.Namespace):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compare"]:
+    if argv[:1] and argv[0] in SUBCOMMANDS:
         try:
-            return compare(argv[1:])
+            return SUBCOMMANDS[argv[0]](argv[1:])
         except SetupError as error:
-            print(f"sim_eval compare: {error}", file=sys.stderr)
+            print(f"sim_eval {argv[0]}: {error}", file=sys.stderr)
             return 2
+        except SimulatorClientError as error:
+            print(f"sim_eval {argv[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
     args = parser().parse_args(argv)
     try:
         return run_with_ray(args) if args.ray is not None else run(args)

@@ -739,7 +739,7 @@ def test_help_documents_every_setting_with_its_env_var():
 
 
 SCRIPTS = ["sim_server.py", "sim_client.py", "sim_eval.py", "parity_sim.py", "bench_sim.py", "soak_sim.py",
-           "sim_eval.py compare"]
+           "sim_eval.py compare", "sim_eval.py replay", "sim_eval.py verify"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -753,7 +753,8 @@ def test_every_scripts_help_exits_0_and_describes_it(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_scripts_bad_flag_is_one_line_and_exit_2(script):
     # argparse reports a missing choice or argument first
-    required = {"parity_sim.py": ["--in-process"], "sim_eval.py compare": ["a.json", "b.json"]}.get(script, [])
+    required = {"parity_sim.py": ["--in-process"], "sim_eval.py compare": ["a.json", "b.json"],
+                "sim_eval.py replay": ["a.json"], "sim_eval.py verify": ["a.json"]}.get(script, [])
     result = subprocess.run([sys.executable, *script.split(), *required, "--no-such-flag"], cwd=HERE,
                             capture_output=True, text=True, timeout=60)
     assert_one_line_exit_2(result, f"{script}: ", "--no-such-flag", "--help")
@@ -1297,7 +1298,13 @@ def test_bad_compare_input_is_one_line_and_exit_2(args, message):
     assert message in result.stderr, result.stderr
 
 
-# --- steps that render nothing ------------------------------------------------
+# --- replaying and verifying runs from their recorded actions ----------------------
+
+CHUNK_POLICY = ("import numpy as np\n"
+                "rng = np.random.default_rng(0)\n"
+                "def act(observation, task_info):  # chunks of 4: the last one of a 6-step episode is cut\n"
+                "    return rng.uniform(-1, 1, (4, 7)).astype(np.float32)\n")
+
 
 def test_step_with_render_false_leaves_images_blank_and_changes_no_state(short_mock_server):
     sessions = [short_mock_server.client(), short_mock_server.client()]
@@ -1316,6 +1323,135 @@ def test_step_with_render_false_leaves_images_blank_and_changes_no_state(short_m
     finally:
         for client in sessions:
             client.close()
+
+
+def write_npz(path, **arrays) -> None:
+    with open(path, "wb") as npz_file:
+        np.savez_compressed(npz_file, **arrays)
+
+
+def test_a_run_records_its_actions_verifies_and_every_tampering_is_named(tmp_path, short_mock_server):
+    (tmp_path / "chunky.py").write_text(CHUNK_POLICY)
+    results = tmp_path / "run.json"
+    common = ["--address", short_mock_server.address, "--tasks", "reach_center", "reach_floor", "--episodes", "3",
+              "--policy", "chunky:act", "--results", str(results)]
+    assert run_eval_cli(*common, cwd=tmp_path).returncode == 0
+    episodes = json.loads(results.read_text())["episodes"]
+    sidecar = tmp_path / "run.actions"
+    assert sorted(p.name for p in sidecar.iterdir()) == sorted(e["actions_file"] for e in episodes)
+    with np.load(sidecar / episodes[0]["actions_file"]) as recorded:
+        assert recorded["action.action"].shape == (6, 7) and recorded["action.action"].dtype == np.float32
+        assert recorded["checks"].tolist() == [4, 6] and len(recorded["rewards"]) == 6  # the second chunk ran 2 of 4
+
+    verified = run_eval_cli("verify", str(results), "--address", short_mock_server.address, "--parallel", "2")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "every episode verified: 6 verified, 0 diverged" in verified.stdout
+    report = json.loads((tmp_path / "run.verified.json").read_text())
+    assert report["all_verified"] and report["per_task"]["reach_floor"]["verified"] == 3
+    assert report["servers"][short_mock_server.address]["server_version"] == sim_server.SERVER_VERSION
+    assert report["task_settings"] == json.loads(results.read_text())["task_settings"]
+    sample = run_eval_cli("verify", str(results), "--address", short_mock_server.address, "--sample", "2",
+                          "--seed", "5", "--output", str(tmp_path / "sample.json"))
+    assert sample.returncode == 0 and json.loads((tmp_path / "sample.json").read_text())["sample"] == {
+        "n": 2, "of": 6, "seed": 5}
+
+    original = results.read_text()
+    flipped = json.loads(original)
+    flipped["episodes"][1]["success"] = True
+    results.write_text(json.dumps(flipped))
+    caught = run_eval_cli("verify", str(results), "--address", short_mock_server.address)
+    assert caught.returncode == 1 and "#1 reach_center init 1: diverged from step 6: success: recorded True, " \
+        "replayed False" in caught.stdout, caught.stdout
+    assert "NOT verified: 5 verified, 1 diverged" in caught.stdout
+
+    claimed = json.loads(original)  # made on another stack, it says
+    claimed["task_settings"]["reach_floor"]["simulator_stack"]["numpy"] = "0.0.1"
+    results.write_text(json.dumps(claimed))
+    caught = run_eval_cli("verify", str(results), "--address", short_mock_server.address)
+    assert caught.returncode == 1, caught.stdout
+    assert f"note: recorded vs here: reach_floor: simulator_stack.numpy '0.0.1' vs '{np.__version__}'" in caught.stdout
+    assert "NOT verified (every episode reproduced, but under the other settings noted above)" in caught.stdout
+
+    results.write_text(original)
+    actions_file = sidecar / episodes[2]["actions_file"]
+    with np.load(actions_file) as recorded:
+        arrays = dict(recorded)
+    arrays["action.action"][[1, 4]] = arrays["action.action"][[4, 1]]  # two actions swapped
+    write_npz(actions_file, **arrays)
+    caught = run_eval_cli("replay", str(results), "--address", short_mock_server.address, "--episodes", "2")
+    assert caught.returncode == 1 and "the actions file does not match the record's digest" in caught.stdout
+    assert "reward of step 2: recorded" in caught.stdout, caught.stdout
+    resumed = run_eval_cli(*common, cwd=tmp_path)  # a rerun runs the episode whose actions no longer match
+    assert resumed.returncode == 0, resumed.stderr
+    again = run_eval_cli("verify", str(results), "--address", short_mock_server.address)
+    assert again.returncode == 0, again.stdout + resumed.stdout
+
+    unrecorded = tmp_path / "bare.json"
+    assert run_eval_cli(*common[:-1], str(unrecorded), "--no-actions", cwd=tmp_path).returncode == 0
+    assert not (tmp_path / "bare.actions").exists()
+    refused = run_eval_cli("verify", str(unrecorded), "--address", short_mock_server.address)
+    assert refused.returncode == 1 and "unverifiable: no actions were recorded" in refused.stdout
+
+
+RECORDED_THEN_GREEDY = ("import numpy as np\n"
+                        "recorded = np.load({path!r})['action.action'][:{k}]\n"
+                        "taken = []\n"
+                        "def reset(task_info):\n"
+                        "    taken.clear()\n"
+                        "def act(observation, task_info):  # the parent's first k actions, then greedy\n"
+                        "    taken.append(1)\n"
+                        "    if len(taken) <= {k}:\n"
+                        "        return recorded[len(taken) - 1]\n"
+                        "    return np.concatenate([np.clip(-observation['state'][:3] / 0.1, -1, 1), np.zeros(4)])\n")
+
+
+def test_a_fork_equals_a_fresh_episode_that_took_the_same_first_k_actions(tmp_path, short_mock_server):
+    (tmp_path / "greedy.py").write_text(GREEDY_POLICY)
+    (tmp_path / "chunky.py").write_text(CHUNK_POLICY)
+    results = tmp_path / "run.json"
+    assert run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "2",
+                        "--policy", "chunky:act", "--results", str(results), cwd=tmp_path).returncode == 0
+    parent = json.loads(results.read_text())["episodes"][1]
+    forked = run_eval_cli("replay", str(results), "--address", short_mock_server.address, "--episodes", "1",
+                          "--until-step", "2", "--policy", "greedy:act", cwd=tmp_path)
+    assert forked.returncode == 0, forked.stderr
+    assert "#1 reach_center init 1: forked at step 2 to greedy:act" in forked.stdout
+    fork = json.loads((tmp_path / "run.forks.json").read_text())["episodes"][0]
+    assert fork["forked_from"]["episode"] == 1 and fork["forked_from"]["step"] == 2
+
+    (tmp_path / "fresh.py").write_text(RECORDED_THEN_GREEDY.format(
+        path=str(tmp_path / "run.actions" / parent["actions_file"]), k=2))
+    fresh = tmp_path / "fresh.json"
+    assert run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "2",
+                        "--policy", "fresh:act", "--results", str(fresh), cwd=tmp_path).returncode == 0
+    twin = json.loads(fresh.read_text())["episodes"][1]
+    assert fork["digests"] == twin["digests"]
+    assert (fork["success"], fork["steps"], fork["sum_reward"]) == (twin["success"], twin["steps"], twin["sum_reward"])
+    again = run_eval_cli("verify", str(tmp_path / "run.forks.json"), "--address", short_mock_server.address)
+    assert again.returncode == 0, again.stdout  # a fork is replayable like any episode
+    too_far = run_eval_cli("replay", str(results), "--address", short_mock_server.address, "--episodes", "1",
+                           "--until-step", "6", "--policy", "greedy:act", cwd=tmp_path)
+    assert too_far.returncode == 2 and "ran 6 steps; fork at 0..5" in too_far.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay", "missing.json"], "cannot read missing.json"),
+    (["verify", "SIM_CLIENT"], "not a sim_eval.py results file"),
+    (["replay", "RESULTS", "--episodes", "9"], "has episodes 0..0"),
+    (["replay", "RESULTS", "--episodes", "x"], "write positions"),
+    (["replay", "RESULTS", "--until-step", "3"], "needs both --until-step K and --policy P"),
+    (["verify", "RESULTS", "--parallel", "0"], "--parallel must be at least 1"),
+    (["replay", "RESULTS", "--videos", "v", "--video-camera", "nope"], "--video-camera 'nope'"),
+])
+def test_bad_replay_input_is_one_line_and_exit_2(tmp_path, short_mock_server, args, message):
+    results = tmp_path / "one.json"
+    assert run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "1",
+                        "--results", str(results)).returncode == 0
+    files = {"RESULTS": str(results), "SIM_CLIENT": os.path.join(HERE, "sim_client.py")}
+    args = [files.get(arg, arg) for arg in args]
+    result = run_eval_cli(*args, "--address", short_mock_server.address, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_unreachable_server_or_policy_server_is_one_line_and_exit_2(short_mock_server):
@@ -3207,6 +3343,40 @@ def test_libero_raw_convention_is_libero_untouched(libero_session):
 
 
 # --- LIBERO parity with the published stack, and provenance ------------------
+
+@pytest.mark.libero
+def test_libero_run_verifies_on_a_second_server_its_replayed_video_is_the_same_and_another_convention_is_caught(
+        libero_server, tmp_path):
+    (tmp_path / "chunky.py").write_text(CHUNK_POLICY)
+    results, task = tmp_path / "run.json", libero_suite(LIBERO_SUITE).get_task_names()[0]
+    options = ["max_episode_steps=14", "camera_width=64", "camera_height=64", 'convention="openpi"']
+    run = run_eval_cli("--address", libero_server.address, "--tasks", task, "--episodes", "2", "--policy",
+                       "chunky:act", "--results", str(results), "--videos", str(tmp_path / "run_videos"),
+                       *[arg for option in options for arg in ("--load-option", option)], cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr
+    with running_server("libero", env={"SIM_LIBERO_TASK_SUITE": LIBERO_SUITE}) as second:
+        verified = run_eval_cli("verify", str(results), "--address", second.address, timeout=600)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        replayed = run_eval_cli("replay", str(results), "--episodes", "1", "--address", second.address,
+                                "--videos", str(tmp_path / "replay_videos"), timeout=600)
+    assert replayed.returncode == 0 and f"#1 {task} init 1: verified" in replayed.stdout, replayed.stdout
+    report = json.loads((tmp_path / "run.verified.json").read_text())
+    assert report["all_verified"] and report["task_settings"][task]["simulator_stack"]["mujoco"] == "3.2.3"
+    import imageio.v3 as iio
+
+    original_video = json.loads(results.read_text())["episodes"][1]["video"]
+    replayed_video, = (tmp_path / "replay_videos").iterdir()
+    original_frames, replayed_frames = iio.imread(original_video), iio.imread(replayed_video)
+    assert original_frames.shape[0] == 15 and np.array_equal(original_frames, replayed_frames)  # reset + 14 steps
+
+    content = json.loads(results.read_text())  # the same run claimed under another convention
+    content["run"]["settings"]["load_options"]["convention"] = "standard"
+    results.write_text(json.dumps(content))
+    caught = run_eval_cli("verify", str(results), "--address", libero_server.address, timeout=600)
+    assert caught.returncode == 1, caught.stdout
+    assert f"note: recorded vs here: {task}: convention 'openpi' vs 'standard'" in caught.stdout, caught.stdout
+    assert "final frames digest: recorded" in caught.stdout and "NOT verified: 0 verified, 2 diverged" in caught.stdout
+
 
 @pytest.mark.libero
 def test_libero_task_info_and_get_info_name_the_simulator_stack_and_renderer(libero_session, libero_server):

@@ -6,6 +6,9 @@
 - records.py: one record per episode, the results file and its resume, LeRobot's eval_info.json
 - report.py: success rates with intervals, the text table, the chart, the HTML report
 - videos.py: one video per episode, and thumbnails for the report
+- compare.py: two runs compared pair by pair (paired interval, McNemar's exact test)
+- actions.py: each episode's executed actions and digests, kept beside the results file
+- replay.py: episodes re-run from their actions with no policy: replay, verify, fork
 - ray_fleet.py: simulator servers as Ray actors (--ray)
 
 Everything here needs only sim_client.py beside it (websockets and Pillow for openpi://, Ray for --ray).

@@ -8,7 +8,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -42,6 +42,9 @@ class EpisodeRecord:
     address: Optional[str] = None
     attempts: int = 1
     video: Optional[str] = None
+    actions_file: Optional[str] = None  # its file in the actions sidecar (RESULTS.actions/)
+    digests: Optional[Dict[str, str]] = None  # SHA-256 of the actions, the final state and the final frames
+    forked_from: Optional[Dict[str, Any]] = None  # a fork's parent episode and the step it took over at
 
     @classmethod
     def failed(cls, task: str, init_state_index: int, failure: str, error: str, **fields: Any) -> EpisodeRecord:
@@ -68,19 +71,22 @@ class ResultsFile:
 
     def __init__(self, path: Optional[str]) -> None:
         self.path = path
+        self.earlier: Dict[str, Any] = {}  # what the resumed file held, once finished_episodes() read it
 
-    def finished_episodes(self, settings: Dict[str, Any], force: bool) -> List[EpisodeRecord]:
-        """The episodes an earlier run finished (lost ones are run again); SetupError for other settings."""
+    def finished_episodes(self, settings: Dict[str, Any], force: bool,
+                          keep: Callable[[EpisodeRecord], bool] = lambda record: True) -> List[EpisodeRecord]:
+        """The episodes an earlier run finished that `keep` accepts (lost ones are run again);
+        SetupError for other settings."""
         if not (self.path and os.path.exists(self.path)):
             return []
         with open(self.path) as results_file:
-            earlier = json.load(results_file)
+            earlier = self.earlier = json.load(results_file)
         recorded = earlier.get("run", {}).get("settings")
         if recorded is not None and recorded != settings and not force:
             raise SetupError(f"{self.path} was made with other settings ({json.dumps(recorded)}, now "
                              f"{json.dumps(settings)}): use another --results file, or --force to resume")
         records = [EpisodeRecord.from_json(data) for data in earlier["episodes"]]
-        return [record for record in records if record.failure != "server_lost"]
+        return [record for record in records if record.failure != "server_lost" and keep(record)]
 
     def save(self, content: Dict[str, Any]) -> None:
         if not self.path:

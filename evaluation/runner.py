@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from evaluation import PolicyError, SetupError
+from evaluation.actions import ActionsSidecar, EpisodeTrace, image_keys, named_actions
 from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord, ResultsFile, utc_now
 from evaluation.report import summary_json
@@ -63,44 +64,86 @@ class EvaluationSettings:
     keep_thumbnails: bool = False  # first and last frames for the report
     force: bool = False  # resume a results file made with other settings
     client_options: Dict[str, Optional[str]] = field(default_factory=dict)  # CURVE keys, simulator
+    record_actions: bool = True  # keep every episode's actions beside the results file (replay, verify)
+
+
+def reset_episode(sim: SimulatorClient, task_info: Dict[str, Any], index: int
+                  ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """Episode `index`'s start: init state `index` where the task has them, else seed `index`."""
+    if "num_init_states" in task_info:
+        return sim.reset(init_state_index=index % task_info["num_init_states"])
+    return sim.reset(seed=index)
+
+
+class Episode:
+    """One episode as it runs: its trace (actions, rewards, state checks), the frames of the
+    `record_key` camera (upright: after every step with `every_frame`, for videos, else after every
+    round trip), and how it ended. The runner drives it with a policy; a replay with the recorded
+    actions, and a fork with both."""
+
+    def __init__(self, task: str, task_info: Dict[str, Any], index: int, reset: Tuple[Dict[str, Any], Dict[str, Any]],
+                 record_key: Optional[str] = None, every_frame: bool = False, started: Optional[float] = None) -> None:
+        self.task, self.task_info, self.index = task, task_info, index
+        self.observation, self.info = reset
+        self.record_key, self.every_frame = record_key, every_frame
+        self.started = time.monotonic() if started is None else started  # before the reset
+        self.trace = EpisodeTrace(image_keys(task_info))
+        self.frames = [upright(self.observation[record_key], task_info)] if record_key else []
+        self.steps, self.ended, self.success, self.failure, self.error = 0, False, False, "horizon", None
+        self.horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
+
+    def step(self, sim: SimulatorClient, action: Any, render: bool = True) -> Dict[str, Any]:
+        """Send one action or chunk, keep what came back; the reply."""
+        sent = named_actions(action)
+        wants_frames = self.record_key if self.every_frame else None
+        result = sim.step(sent if isinstance(action, dict) else sent["action"], frame_key=wants_frames, render=render)
+        self.trace.add(sent, result)
+        self.observation = result["observation"]
+        self.steps = int(result["info"].get("step", self.steps + result.get("steps_run", 1)))
+        if self.record_key:
+            new_frames = result["frames"] if self.every_frame else [self.observation[self.record_key]]
+            self.frames += [upright(frame, self.task_info) for frame in new_frames]
+        if result["terminated"] or result["truncated"]:
+            self.ended, self.success = True, bool(result["info"].get("success", result["terminated"]))
+            self.failure = None if self.success else ("horizon" if result["truncated"] else "terminated")
+        return result
+
+    def run_policy(self, sim: SimulatorClient, policy: Policy) -> None:
+        """The policy acts until the episode ends or reaches its horizon; a policy failure fails it."""
+        try:
+            policy.reset(self.task_info)
+            while self.steps < self.horizon and not self.ended:
+                self.step(sim, policy.act(self.observation, self.task_info))
+        except PolicyError as policy_error:
+            self.failure, self.error = policy_error.failure, str(policy_error)[-4000:]
+
+    def record(self) -> EpisodeRecord:
+        """The finished episode's record, with its digests."""
+        rewards = self.trace.rewards
+        seed = self.info.get("seed", None if "num_init_states" in self.task_info else self.index)
+        return EpisodeRecord(task=self.task, init_state_index=self.index, seed=seed, success=self.success,
+                             steps=self.steps, failure=self.failure, error=self.error, sum_reward=float(sum(rewards)),
+                             max_reward=float(max(rewards)) if rewards else 0.0,
+                             seconds=round(time.monotonic() - self.started, 3),
+                             digests=self.trace.digests(self.observation))
 
 
 def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], policy: Policy, index: int,
-                record_key: Optional[str] = None, every_frame: bool = False
-                ) -> Tuple[EpisodeRecord, List[np.ndarray]]:
-    """One episode from init state `index` (or seed `index`) to the task's horizon: its record, and
-    the `record_key` camera's frames, upright: after every step (`every_frame`, for videos: a chunk's
-    steps are rendered too), else after every round trip. A policy failure ends the episode as failed."""
+                record_key: Optional[str] = None, every_frame: bool = False) -> Episode:
+    """One episode from init state `index` (or seed `index`) to the task's horizon, driven by
+    `policy`; see Episode for what it keeps."""
     started = time.monotonic()
-    if "num_init_states" in task_info:
-        observation, info = sim.reset(init_state_index=index % task_info["num_init_states"])
-    else:
-        observation, info = sim.reset(seed=index)
-    frames = [upright(observation[record_key], task_info)] if record_key else []
-    steps, success, failure, error, rewards = 0, False, "horizon", None, []
-    horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
-    try:
-        policy.reset(task_info)
-        while steps < horizon:
-            result = sim.step(policy.act(observation, task_info), frame_key=record_key if every_frame else None)
-            observation = result["observation"]
-            rewards += result.get("rewards", [result["reward"]])
-            steps = int(result["info"].get("step", steps + result.get("steps_run", 1)))
-            if record_key:
-                new_frames = result["frames"] if every_frame else [observation[record_key]]
-                frames += [upright(frame, task_info) for frame in new_frames]
-            if result["terminated"] or result["truncated"]:
-                success = bool(result["info"].get("success", result["terminated"]))
-                failure = None if success else ("horizon" if result["truncated"] else "terminated")
-                break
-    except PolicyError as policy_error:
-        failure, error = policy_error.failure, str(policy_error)[-4000:]
-    seed = info.get("seed", None if "num_init_states" in task_info else index)
-    record = EpisodeRecord(task=task, init_state_index=index, seed=seed, success=success,
-                           steps=steps, failure=failure, error=error, sum_reward=float(sum(rewards)),
-                           max_reward=float(max(rewards)) if rewards else 0.0,
-                           seconds=round(time.monotonic() - started, 3))
-    return record, frames
+    episode = Episode(task, task_info, index, reset_episode(sim, task_info, index), record_key, every_frame, started)
+    episode.run_policy(sim, policy)
+    return episode
+
+
+def server_facts(sim: SimulatorClient) -> Dict[str, Any]:
+    """The server's get_info without what belongs to this session: its versions and stack."""
+    info = sim.get_info()
+    for key in ("session_id", "current_task", "sim_pid", "active_sessions", "simulator_sessions"):
+        info.pop(key, None)
+    return info
 
 
 @dataclass
@@ -127,7 +170,9 @@ class Evaluation:
         self.load_options = {**policy.load_options, **settings.load_options}
         self.run_settings = {"policy": policy.name, "load_options": self.load_options}
         self.results_file = ResultsFile(settings.results_path)
-        self.results = self.results_file.finished_episodes(self.run_settings, settings.force)
+        self.sidecar = ActionsSidecar(settings.results_path) if settings.record_actions and settings.results_path \
+            else None
+        self.results = self.results_file.finished_episodes(self.run_settings, settings.force, self._consistent)
         done = {(r.task, r.init_state_index) for r in self.results}
         self.jobs = [Job(task, index) for task in settings.tasks for index in range(settings.episodes)
                      if (task, index) not in done]
@@ -135,10 +180,18 @@ class Evaluation:
         self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
         self.retried: List[Dict[str, Any]] = []
         self.dead_addresses: set = set()
-        self.servers: Dict[str, Dict[str, Any]] = {}  # address -> its get_info
-        self.task_settings: Dict[str, Dict[str, Any]] = {}  # task -> its TASK_PROVENANCE fields
+        # address -> its get_info, task -> its TASK_PROVENANCE fields: a resumed run keeps the earlier ones
+        self.servers: Dict[str, Dict[str, Any]] = dict(self.results_file.earlier.get("servers", {}))
+        self.task_settings: Dict[str, Dict[str, Any]] = dict(self.results_file.earlier.get("task_settings", {}))
+        self.servers_asked: set = set()
         self.lock = threading.Lock()
         self.progress = Progress(len(self.jobs))
+
+    def _consistent(self, record: EpisodeRecord) -> bool:
+        """Whether a resumed episode keeps its record: with actions recorded, only when its actions
+        file holds what its digest names (else it runs again); a failure before any step always."""
+        return self.sidecar is None or record.digests is None or self.sidecar.matches(record.actions_file,
+                                                                                       record.digests)
 
     def run(self) -> List[EpisodeRecord]:
         """Run every job on the parallel session threads; the finished episode records."""
@@ -179,8 +232,8 @@ class Evaluation:
     def _run_job(self, session: SessionSlot, job: Job, address: str) -> None:
         try:
             task_info = session.ready(address, job.task)
-            record, frames = run_episode(session.sim, job.task, task_info, self.policy, job.index,
-                                         self._record_key(task_info), every_frame=self.settings.videos is not None)
+            episode = run_episode(session.sim, job.task, task_info, self.policy, job.index,
+                                  self._record_key(task_info), every_frame=self.settings.videos is not None)
         except (ServerTimeout, BackendError, ServerBusy) as error:
             if isinstance(error, ServerTimeout):  # gone: not asked again, its session left to be reaped
                 with self.lock:
@@ -193,10 +246,15 @@ class Evaluation:
             self._give_back(job, f"{type(error).__name__} on {address}: {error}")
             return
         except ServerError as error:  # the server refused an action or a reset: a failed episode
-            record, frames = EpisodeRecord.failed(job.task, job.index, "simulator_error",
-                                                  f"{type(error).__name__}: {error}"), []
+            record = EpisodeRecord.failed(job.task, job.index, "simulator_error", f"{type(error).__name__}: {error}")
+            record.address, record.attempts = address, job.attempts + 1
+            self._finish(record, [])
+            return
+        record = episode.record()
         record.address, record.attempts = address, job.attempts + 1
-        self._finish(record, frames)
+        if self.sidecar is not None:
+            record.actions_file = self.sidecar.save(record.task, record.init_state_index, episode.trace)
+        self._finish(record, episode.frames)
 
     def _next_job(self) -> Optional[Job]:
         with self.lock:
@@ -219,12 +277,14 @@ class Evaluation:
         return live[slot % len(live)] if live else None
 
     def note_server(self, address: str, sim: SimulatorClient) -> None:
-        if address not in self.servers:
-            info = sim.get_info()
-            for key in ("session_id", "current_task", "sim_pid", "active_sessions", "simulator_sessions"):
-                info.pop(key, None)  # this session's, not the server's
-            with self.lock:
-                self.servers[address] = info
+        """The server's facts, asked once per run (a resumed run's earlier servers stay listed)."""
+        with self.lock:
+            if address in self.servers_asked:
+                return
+            self.servers_asked.add(address)
+        info = server_facts(sim)
+        with self.lock:
+            self.servers[address] = info
 
     def note_task(self, task: str, task_info: Dict[str, Any]) -> None:
         with self.lock:
