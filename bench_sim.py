@@ -377,6 +377,43 @@ def bench_libero_episodes_per_hour() -> list:
     return rows
 
 
+def bench_libero_replay() -> list:
+    """A replay from recorded actions (no policy, nothing rendered until the last step) against the
+    episode that recorded them, each timed from its reset to its last step (loading apart): a 60-step libero_spatial
+    episode, 256x256, openpi convention, random actions, sent one at a time and in chunks of 5.
+    Interleaved, median of 2."""
+    import tempfile
+
+    from evaluation.replay import RecordedRun, Replayer
+
+    server = ServerProcess("libero", env={"SIM_LIBERO_TASK_SUITE": "libero_spatial"})
+    task = f"libero_spatial/{libero_suite('libero_spatial').get_task_names()[0]}"
+    rng = np.random.default_rng(0)
+    timings = {1: ([], []), 5: ([], [])}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            for repeat in range(2):
+                for chunk, (originals, replays) in timings.items():
+                    results = os.path.join(folder, f"chunk{chunk}_{repeat}.json")
+                    shape = (chunk, 7) if chunk > 1 else (7,)
+                    policy = Policy(lambda observation, task_info, shape=shape:
+                                    rng.uniform(-0.5, 0.5, shape).astype(np.float32))
+                    settings = EvaluationSettings(addresses=[server.address], tasks=[task], episodes=1,
+                                                  results_path=results, load_options={
+                                                      "convention": "openpi", "max_episode_steps": 60})
+                    record, = Evaluation(settings, policy).run()
+                    originals.append(record.seconds)  # reset and steps, as the replay's
+                    outcome, = Replayer(RecordedRun(results), [server.address], 1, {}, 120).replay([0], show=False)
+                    assert outcome.status == "verified", outcome.line()
+                    replays.append(outcome.seconds)
+    finally:
+        server.stop()
+    return [row(f"LIBERO replay without video vs its original episode ({label}; 60 steps, 256x256, 2 cameras)",
+                statistics.median(replays), statistics.median(originals), goal=goal)
+            for label, (originals, replays), goal in (("single steps", timings[1], "<= 0.2x"),
+                                                      ("chunks of 5", timings[5], ""))]
+
+
 # --- simulators in their own environments ------------------------------------
 
 # The same backend stepped in its own interpreter, with no server: the in-process side of a ratio.
@@ -544,7 +581,8 @@ def bench_libero_dashboard() -> list:
 
 
 TRANSPORT = ("codec", "round_trip", "dashboard", "parallel_sessions", "batching")
-LIBERO = ("libero", "libero_dashboard", "libero_cameras", "render_threads", "libero_chunks", "libero_episodes_per_hour")
+LIBERO = ("libero", "libero_dashboard", "libero_cameras", "render_threads", "libero_chunks", "libero_episodes_per_hour",
+          "libero_replay")
 OWN_ENVIRONMENTS = ("metaworld", "kitchen", "maniskill")  # made by .ci/setup --simulator NAME when missing
 
 
