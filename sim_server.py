@@ -113,6 +113,8 @@ class Config:
     egl_devices: Tuple[str, ...] = ()  # EGL device ids given to simulator processes in turn
     dashboard: Optional[Tuple[str, int]] = None  # (host, port) of the dashboard; None: off
     dashboard_admin: bool = False  # whether the dashboard may end sessions
+    dashboard_hosts: Tuple[str, ...] = ()  # Host names the dashboard answers besides loopback's and its own
+    dashboard_token: str = ""  # the token its actions (and, beyond loopback, its pages) need; "": a new one
     curve_secret_key: str = ""  # the server's .key_secret file; empty means CURVE off
     curve_clients: str = ""  # folder of allowed client .key files
     interpreters: Dict[str, str] = field(default_factory=dict)  # simulator -> the Python its processes run
@@ -134,6 +136,8 @@ SETTINGS = [
      "EGL devices handed to simulator processes in turn: auto (the visible NVIDIA GPUs), none, or e.g. 0,1"),
     ("--dashboard", "SIM_DASHBOARD", "", str,
      "serve the live dashboard on PORT (127.0.0.1) or HOST:PORT; off when empty"),
+    ("--dashboard-hosts", "SIM_DASHBOARD_HOSTS", "", str,
+     "names the dashboard answers to in the Host header besides loopback's, comma separated (e.g. sim.lab)"),
     ("--curve-secret-key", "SIM_CURVE_SECRET_KEY", "", str, "server's CURVE secret key file: turns on CURVE"),
     ("--curve-clients", "SIM_CURVE_CLIENTS", "", str, "folder of the client public keys CURVE lets in"),
 ]
@@ -189,6 +193,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         max_request_bytes=args.max_request_bytes, render_threads=render_threads_setting(args.render_threads),
         egl_devices=egl_device_setting(args.egl_devices), dashboard=dashboard_address(args.dashboard),
         dashboard_admin=args.dashboard_admin, curve_secret_key=args.curve_secret_key,
+        dashboard_hosts=tuple(name.strip().lower() for name in args.dashboard_hosts.split(",") if name.strip()),
+        dashboard_token=os.environ.get("SIM_DASHBOARD_TOKEN", ""),
         curve_clients=args.curve_clients)
 
 
@@ -553,7 +559,8 @@ class SimulatorServer:
 
         host, port = self.config.dashboard
         try:
-            return Dashboard(host, port, self.config.dashboard_admin, lambda body: decode(body, CALL_BYTES_LIMIT))
+            return Dashboard(host, port, self.config.dashboard_admin, lambda body: decode(body, CALL_BYTES_LIMIT),
+                             self.config.dashboard_hosts, self.config.dashboard_token)
         except OSError as error:
             self.shutdown()
             raise SetupError(f"cannot serve the dashboard on {host}:{port}: {error.strerror or error}") from None

@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 import zipfile
+from typing import Optional
+from urllib.parse import urlsplit
 
 import msgpack
 import numpy as np
@@ -1774,15 +1776,24 @@ def test_html_report_opens_from_disk_in_chromium_with_a_row_per_episode_and_bars
 
 # --- the live dashboard ---------------------------------------------------------
 
-def http_get(url: str) -> tuple:
-    import urllib.error
-    import urllib.request
+def http_get(url: str, **headers: str) -> tuple:
+    return http_request("GET", url, headers=headers)
 
+
+def http_request(method: str, url: str, body: Optional[dict] = None, headers: Optional[dict] = None) -> tuple:
+    """(status, body) of one request; `headers` may replace Host."""
+    import http.client
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+        data = json.dumps(body).encode() if body is not None else None
+        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=data,
+                           headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def step_count_in(dom: str) -> int:
@@ -1791,12 +1802,17 @@ def step_count_in(dom: str) -> int:
     return int(re.search(r'<td class="step">(\d+)</td>', dom).group(1))
 
 
+DASHBOARD_TOKEN = "test-dashboard-token"
+
+
 @contextlib.contextmanager
-def running_dashboard(*args: str):
-    """A mock server with its dashboard on a free port (`server.dashboard` is the page's URL)."""
+def running_dashboard(*args: str, host: str = "127.0.0.1"):
+    """A mock server with its dashboard on a free port (`server.dashboard` is the page's URL) and a
+    known token."""
     port = free_port()
-    with running_server("mock", "--dashboard", str(port), *args,
-                        env={"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_EPISODE_STEPS": "100000"}) as server:
+    with running_server("mock", "--dashboard", f"{host}:{port}", *args,
+                        env={"SIM_MOCK_IMAGE_SIZE": "64", "SIM_MOCK_EPISODE_STEPS": "100000",
+                             "SIM_DASHBOARD_TOKEN": DASHBOARD_TOKEN}) as server:
         server.dashboard = f"http://127.0.0.1:{port}/"
         yield server
 
@@ -1866,12 +1882,12 @@ def test_dashboard_in_chromium_shows_the_task_growing_steps_and_a_camera_and_sur
              and '<p class="muted" id="updated">updated ' in dom, "an empty, updated session table")
 
 
-def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_admin(dashboard_server):
+def test_dashboard_reads_with_get_acts_only_by_post_with_its_token_and_bounds_requests(dashboard_server):
     import socket
 
     status = dashboard_status(dashboard_server)
     assert status["server"]["curve"] is False and status["server"]["admin"] is False
-    assert "key" not in json.dumps(status).lower()  # nothing secret on the page
+    assert "key" not in json.dumps(status).lower() and DASHBOARD_TOKEN not in json.dumps(status)
     client = dashboard_server.client()
     client.request("load_task", task_name="reach_center")
     session_id = client.request("get_info")["session_id"]
@@ -1885,15 +1901,17 @@ def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_a
     assert wait_until(shown)
     assert rows[0]["peer"].startswith("127.0.0.1:") and rows[0]["worker_pid"] > 0
     assert http_get(dashboard_server.dashboard + "x" * 3000)[0] == 414  # request line too long
-    code, body = http_get(dashboard_server.dashboard + f"api/end?session={session_id}")
+    end = dashboard_server.dashboard + "api/end"
+    assert http_get(end + f"?session={session_id}")[0] == 405  # a GET never acts
+    code, body = http_request("POST", end, {"session": session_id}, {"X-Sim-Token": DASHBOARD_TOKEN})
     assert code == 403 and b"--dashboard-admin" in body
     assert http_get(dashboard_server.dashboard + "nothing")[0] == 404
-    with socket.create_connection(("127.0.0.1", int(dashboard_server.dashboard.rsplit(":", 1)[1].strip("/")))) as raw:
-        raw.sendall(b"POST /api/status HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    port = int(dashboard_server.dashboard.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"PUT /api/status HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
         assert raw.recv(100).startswith(b"HTTP/1.0 501")
-    silent = [socket.create_connection(("127.0.0.1", int(dashboard_server.dashboard.rsplit(":", 1)[1].strip("/"))))
-              for _ in range(12)]  # slow clients that never send: they hold HTTP threads, not the loop
-    try:
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]  # slow clients that never send:
+    try:  # they hold HTTP threads, not the loop
         assert client.request("reset")["status"] == "ok"
         assert client.request("step", action=[0.0] * 7)["status"] == "ok"
         assert client.request("get_info")["session_id"] == session_id
@@ -1902,16 +1920,59 @@ def test_dashboard_answers_only_gets_bounds_requests_and_ends_sessions_only_as_a
             connection.close()
 
 
-def test_dashboard_admin_ends_a_session(tmp_path):
-    port = free_port()
-    with running_server("mock", "--dashboard", str(port), "--dashboard-admin") as server:
+def test_dashboard_refuses_a_foreign_host_so_a_rebound_dns_name_reads_nothing(dashboard_server):
+    port = int(dashboard_server.dashboard.rsplit(":", 1)[1].strip("/"))
+    for path in ("", "api/status", "api/thumbnails"):
+        code, body = http_get(dashboard_server.dashboard + path, Host=f"evil.example:{port}")
+        assert code == 403 and b"Host" in body and b"sessions" not in body
+    code, _ = http_request("POST", dashboard_server.dashboard + "api/end", {"session": "x"},
+                           {"Host": "evil.example", "X-Sim-Token": DASHBOARD_TOKEN})
+    assert code == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]"):
+        assert http_get(dashboard_server.dashboard + "api/status", Host=host)[0] == 200
+
+
+def test_dashboard_admin_ends_a_session_only_by_a_post_with_the_token():
+    with running_dashboard("--dashboard-admin") as server:
         client = server.client()
         client.request("load_task", task_name="reach_center")
         info = client.request("get_info")
-        code, _ = http_get(f"http://127.0.0.1:{port}/api/end?session={info['session_id']}")
+        end, body = server.dashboard + "api/end", {"session": info["session_id"]}
+        assert http_get(end + f"?session={info['session_id']}")[0] == 405
+        assert http_request("POST", end, body)[0] == 403  # no token
+        assert http_request("POST", end, body, {"X-Sim-Token": "guess"})[0] == 403
+        assert http_request("POST", end, body, {"Cookie": f"sim_dashboard_token={DASHBOARD_TOKEN}"})[0] == 403
+        assert http_request("POST", end, {"session": 5}, {"X-Sim-Token": DASHBOARD_TOKEN})[0] == 400
+        assert client.request("get_info")["session_id"] == info["session_id"]  # nothing of that ended it
+        code, _ = http_request("POST", end, body, {"X-Sim-Token": DASHBOARD_TOKEN})
         assert code == 200  # asked; the loop ends the session at its next tick
         assert wait_until(lambda: not pid_alive(info["sim_pid"]))
         assert client.request("get_info")["session_id"] != info["session_id"]  # a new session
+
+
+def test_dashboard_beyond_loopback_needs_the_token_to_be_read_too():
+    with running_dashboard(host="0.0.0.0") as server:
+        status = server.dashboard + "api/status"
+        assert http_get(status)[0] == 403
+        assert http_get(status + "?token=guess")[0] == 403
+        assert http_get(status + f"?token={DASHBOARD_TOKEN}")[0] == 200
+        code, _ = http_get(server.dashboard, Cookie=f"sim_dashboard_token={DASHBOARD_TOKEN}")
+        assert code == 200
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_dashboard_page_keeps_the_logged_token_and_offers_actions_only_with_it_in_chromium():
+    with running_dashboard("--dashboard-admin") as server:
+        client = server.client()
+        client.request("load_task", task_name="reach_center")
+        session_id = client.request("get_info")["session_id"]
+        assert wait_until(lambda: any(row["session_id"] == session_id
+                                      for row in dashboard_status(server)["sessions"]))
+        dom_when(server.dashboard, lambda dom: "open the logged URL with its token" in dom and "<button>" not in dom,
+                 "no action without the token")
+        dom_when(server.dashboard + f"?token={DASHBOARD_TOKEN}", lambda dom: "<button>end</button>" in dom,
+                 "the end button once the token is kept")
 
 
 @pytest.mark.parametrize("value, message", [("http", "expected PORT or HOST:PORT"), ("1.2.3.4:99999", "PORT")])

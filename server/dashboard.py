@@ -5,26 +5,36 @@
 It runs in threads of the server process and never touches the loop's objects: once a second
 the loop publishes a snapshot of plain values (and each session's last reply bodies, which it
 already holds), and pages are made from that. A session's camera thumbnail and its last reward
-are decoded here, only when a page asks, once per new reply. Only GET is answered; a request
-has a few seconds and a few KiB, and at most MAX_CLIENTS are served at once, so a slow or hostile
-browser costs one of those threads, never the loop.
+are decoded here, only when a page asks, once per new reply. A request has a few seconds and a
+few KiB, and at most MAX_CLIENTS are served at once, so a slow or hostile browser costs one of
+those threads, never the loop.
 
-Routes: `/` (the page), `/api/status` (server, sessions, recent warnings: for scripts),
-`/api/thumbnails` (session id -> PNG data URL), `/api/end?session=ID` (only with
+Who may do what (as Jupyter does it): every request must name this machine in its Host header
+(loopback names, the address it binds, or --dashboard-hosts), else 403, so a web page cannot
+rebind its DNS name to 127.0.0.1 and read the dashboard. A token is made at start (or taken from
+SIM_DASHBOARD_TOKEN) and logged in the dashboard's URL (`?token=...`); the page keeps it in a
+cookie. Reading needs it when the dashboard binds beyond loopback. Every action is a POST carrying
+it in the X-Sim-Token header (which no cross-site form can set), and a GET never changes anything.
+
+Routes: GET `/` (the page), `/api/status` (server, sessions, recent warnings: for scripts),
+`/api/thumbnails` (session id -> PNG data URL); POST `/api/end` with `{"session": ID}` (only with
 --dashboard-admin: ends that session).
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
 import queue
+import secrets
 import struct
 import threading
 import time
 import zlib
 from collections import deque
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
@@ -36,6 +46,11 @@ MAX_CLIENTS = 8  # HTTP requests served at once; more are closed unanswered
 REQUEST_TIMEOUT_S = 5.0  # a request must arrive whole within this
 MAX_REQUEST_LINE = 2048  # bytes of request line (GET path) accepted
 RECENT_LOG_LINES = 50
+MAX_POST_BYTES = 4096  # an action's JSON body
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+TOKEN_COOKIE = "sim_dashboard_token"
+TOKEN_HEADER = "X-Sim-Token"
+ACTIONS = ("/api/end",)  # POST only
 log = logging.getLogger("sim_server")
 
 
@@ -217,40 +232,126 @@ class DashboardState:
         }
 
 
+class DashboardAccess:
+    """Who may read and act: the Host names this machine, and the token where it is needed."""
+
+    def __init__(self, bind_host: str, host_names: Tuple[str, ...], token: str) -> None:
+        self.token = token or secrets.token_urlsafe(24)
+        self.loopback_only = bind_host in LOOPBACK_NAMES
+        own = () if bind_host in ("", "0.0.0.0", "::") else (bind_host.lower(),)
+        self.host_names = set(LOOPBACK_NAMES + own + tuple(host_names))
+
+    def host_allowed(self, host_header: Optional[str]) -> bool:
+        """Whether the Host header names this machine (any port)."""
+        host = (host_header or "").strip().lower()
+        if host.startswith("["):  # [::1]:8080
+            host = host[1:host.find("]")] if "]" in host else ""
+        elif host.count(":") == 1:
+            host = host.rpartition(":")[0]
+        return bool(host) and host in self.host_names
+
+    def matches(self, given: Optional[str]) -> bool:
+        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def may_read(self, query_token: Optional[str], cookie_token: Optional[str]) -> bool:
+        return self.loopback_only or self.matches(query_token) or self.matches(cookie_token)
+
+
 class DashboardHandler(BaseHTTPRequestHandler):
-    """GET only; http.server answers every other method 501."""
+    """GET reads, POST acts (with the token); http.server answers every other method 501."""
 
     server_version = "sim-dashboard"
     timeout = REQUEST_TIMEOUT_S
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         route = urlsplit(self.path)
-        if route.path == "/":
-            self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        query_token = parse_qs(route.query).get("token", [None])[0]
+        if not self._host_checked():
+            return
+        if route.path in ACTIONS:
+            self._send_json({"error": f"{route.path} changes the server: POST it with the {TOKEN_HEADER} header"},
+                            405, {"Allow": "POST"})
+        elif not self.server.access.may_read(query_token, self._cookie_token()):
+            self._send_json({"error": "this dashboard listens beyond loopback: open the URL with ?token=... that "
+                                      "the server logged"}, 403)
+        elif route.path == "/":
+            remember = self.server.access.matches(query_token)
+            cookie = {"Set-Cookie": f"{TOKEN_COOKIE}={query_token}; Path=/; SameSite=Strict"} if remember else {}
+            self._send(200, "text/html; charset=utf-8", PAGE.encode(), cookie)
         elif route.path == "/api/status":
             self._send_json(self.server.state.status())
         elif route.path == "/api/thumbnails":
             self._send_json(self.server.state.thumbnails())
-        elif route.path == "/api/end":
-            self._end_session(parse_qs(route.query).get("session", [""])[0])
         else:
             self._send_json({"error": f"no page {route.path}"}, 404)
 
-    def _end_session(self, session_id: str) -> None:
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        route = urlsplit(self.path)
+        if not self._host_checked():
+            return
+        if route.path not in ACTIONS:
+            self._send_json({"error": f"{route.path} takes no POST"}, 405, {"Allow": "GET"})
+            return
+        if not self.server.access.matches(self.headers.get(TOKEN_HEADER)):
+            self._send_json({"error": f"an action needs the dashboard's token in the {TOKEN_HEADER} header "
+                                      "(the server logs the URL that carries it)"}, 403)
+            return
+        body = self._json_body()
+        if body is not None:
+            self._end_session(body.get("session"))
+
+    def _host_checked(self) -> bool:
+        if self.server.access.host_allowed(self.headers.get("Host")):
+            return True
+        self._send_json({"error": "the Host header does not name this machine (sim_server.py --dashboard-hosts "
+                                  "adds names)"}, 403)
+        return False
+
+    def _cookie_token(self) -> Optional[str]:
+        try:
+            morsel = SimpleCookie(self.headers.get("Cookie", "")).get(TOKEN_COOKIE)
+        except CookieError:
+            return None
+        return morsel.value if morsel is not None else None
+
+    def _json_body(self) -> Optional[Dict[str, Any]]:
+        """The POST's JSON object, or None once a 400 or 413 was sent."""
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_POST_BYTES:
+            self._send_json({"error": f"a body of 0 to {MAX_POST_BYTES} bytes, with its Content-Length"}, 413)
+            return None
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._send_json({"error": "the body must be a JSON object"}, 400)
+            return None
+        return body
+
+    def _end_session(self, session_id: Any) -> None:
         if not self.server.admin:
             self._send_json({"error": "ending sessions needs a server started with --dashboard-admin"}, 403)
+            return
+        if not isinstance(session_id, str):
+            self._send_json({"error": 'the body must be {"session": "SESSION_ID"}'}, 400)
             return
         self.server.end_requests.put(session_id)
         self._send_json({"ending": session_id})
 
-    def _send_json(self, payload: Any, code: int = 200) -> None:
-        self._send(code, "application/json", json.dumps(payload).encode())
+    def _send_json(self, payload: Any, code: int = 200, headers: Optional[Dict[str, str]] = None) -> None:
+        self._send(code, "application/json", json.dumps(payload).encode(), headers)
 
-    def _send(self, code: int, content_type: str, body: bytes) -> None:
+    def _send(self, code: int, content_type: str, body: bytes, headers: Optional[Dict[str, str]] = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -269,10 +370,11 @@ class DashboardHandler(BaseHTTPRequestHandler):
 class DashboardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: Tuple[str, int], state: DashboardState, admin: bool) -> None:
+    def __init__(self, address: Tuple[str, int], state: DashboardState, admin: bool, access: DashboardAccess) -> None:
         super().__init__(address, DashboardHandler)
         self.state = state
         self.admin = admin
+        self.access = access
         self.end_requests: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
 
@@ -298,24 +400,26 @@ class Dashboard:
     take_end_requests().
     """
 
-    def __init__(self, host: str, port: int, admin: bool, decode: Callable[[bytes], Dict[str, Any]]) -> None:
+    def __init__(self, host: str, port: int, admin: bool, decode: Callable[[bytes], Dict[str, Any]],
+                 host_names: Tuple[str, ...] = (), token: str = "") -> None:
         self.activity: Dict[str, SessionActivity] = {}  # the loop thread's alone
         self.recent_log = RecentLog()
         self.state = DashboardState(decode, self.recent_log)
-        self.http = DashboardHTTPServer((host, port), self.state, admin)
+        self.access = DashboardAccess(host, host_names, token)
+        self.http = DashboardHTTPServer((host, port), self.state, admin, self.access)
         logging.getLogger().addHandler(self.recent_log)
         self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.5},
                                        name="dashboard", daemon=True)
         self.thread.start()
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("the dashboard listens on %s:%d, beyond loopback: anyone who can reach it sees every "
-                        "session%s", host, port, " and can end them" if admin else "")
-        log.info("dashboard on %s", self.url)
+        if host not in LOOPBACK_NAMES:
+            log.warning("the dashboard listens on %s:%d, beyond loopback: pages and actions need its token, and "
+                        "plain HTTP carries it unencrypted", host, port)
+        log.info("dashboard on %s?token=%s", self.url, self.access.token)
 
     @property
     def url(self) -> str:
         host, port = self.http.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def replied(self, session_id: str, method: str, body: bytes, ok: bool) -> None:
         """A simulator reply went to a session's client (loop thread)."""
@@ -392,6 +496,14 @@ img.thumb { width: 96px; height: 96px; object-fit: contain; background: #222; bo
 <script>
 "use strict";
 let thumbnails = {};
+function token() {  // the dashboard's token, kept in a cookie when the page was opened with ?token=
+  const found = document.cookie.split("; ").find(c => c.startsWith("sim_dashboard_token="));
+  return found ? decodeURIComponent(found.split("=")[1]) : null;
+}
+function act(path, body) {  // every action is a POST with the token in a header
+  return fetch(path, {method: "POST", headers: {"Content-Type": "application/json", "X-Sim-Token": token()},
+                      body: JSON.stringify(body)});
+}
 function text(value) { return value === null || value === undefined ? "" : String(value); }
 function cell(row, value, cls) {
   const td = row.insertCell(); td.textContent = text(value); if (cls) td.className = cls; return td;
@@ -430,10 +542,12 @@ function showSessions(status) {
     cell(row, s.success === null || s.success === undefined ? "" : (s.success ? "yes" : "no"), s.success ? "ok" : "");
     cell(row, s.idle_s); cell(row, s.worker_pid); cell(row, s.worker_rss_mb);
     const action = row.insertCell();
-    if (status.server.admin) {
+    if (status.server.admin && token()) {
       const button = document.createElement("button"); button.textContent = "end";
-      button.onclick = () => fetch("/api/end?session=" + encodeURIComponent(s.session_id));
+      button.onclick = () => act("/api/end", {session: s.session_id});
       action.appendChild(button);
+    } else if (status.server.admin) {
+      action.textContent = "open the logged URL with its token to end sessions"; action.className = "muted";
     }
   }
 }
