@@ -206,14 +206,17 @@ SHARED_SERVERS = ("metaworld_server", "kitchen_server", "maniskill_server")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Every LIBERO test in one xdist group (they share a server and a session), every Ray test in
-    another (they share a Ray head), and the tests of each shared server in one more (it starts
-    once, not on each worker): each group runs on one worker, one test after another."""
+    """Every LIBERO test in one xdist group (they share a server and a session) but the custom
+    tasks' (their own server and folder, beside it), every Ray test in another (they share a Ray
+    head), and the tests of each shared server in one more (it starts once, not on each worker):
+    each group runs on one worker, one test after another."""
     import pytest
 
     for item in items:
         shared = [name for name in SHARED_SERVERS if name in getattr(item, "fixturenames", ())]
-        if item.get_closest_marker("libero"):
+        if item.name.startswith("test_custom_task") or "custom_libero_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("libero_custom"))
+        elif item.get_closest_marker("libero"):
             item.add_marker(pytest.mark.xdist_group("libero"))
         elif item.name.startswith("test_ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))

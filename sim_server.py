@@ -57,6 +57,7 @@ from server.settings import (
     interpreter_settings,
     render_threads_setting,
     simulator_names,
+    task_dir_setting,
 )
 from server.workers import SimulatorProcesses, Worker
 
@@ -118,6 +119,7 @@ class Config:
     curve_secret_key: str = ""  # the server's .key_secret file; empty means CURVE off
     curve_clients: str = ""  # folder of allowed client .key files
     interpreters: Dict[str, str] = field(default_factory=dict)  # simulator -> the Python its processes run
+    task_dir: str = ""  # the operator's folder of custom tasks (custom/NAME); "" for none
 
 
 # (flag, environment variable, default, type, help); --port is handled apart.
@@ -138,6 +140,8 @@ SETTINGS = [
      "serve the live dashboard on PORT (127.0.0.1) or HOST:PORT; off when empty"),
     ("--dashboard-hosts", "SIM_DASHBOARD_HOSTS", "", str,
      "names the dashboard answers to in the Host header besides loopback's, comma separated (e.g. sim.lab)"),
+    ("--task-dir", "SIM_TASK_DIR", "", str,
+     "folder of custom task specs and BDDL files, served as custom/NAME (LIBERO; docs/task_builder.md)"),
     ("--curve-secret-key", "SIM_CURVE_SECRET_KEY", "", str, "server's CURVE secret key file: turns on CURVE"),
     ("--curve-clients", "SIM_CURVE_CLIENTS", "", str, "folder of the client public keys CURVE lets in"),
 ]
@@ -195,7 +199,7 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         dashboard_admin=args.dashboard_admin, curve_secret_key=args.curve_secret_key,
         dashboard_hosts=tuple(name.strip().lower() for name in args.dashboard_hosts.split(",") if name.strip()),
         dashboard_token=os.environ.get("SIM_DASHBOARD_TOKEN", ""),
-        curve_clients=args.curve_clients)
+        curve_clients=args.curve_clients, task_dir=task_dir_setting(args.task_dir))
 
 
 # --- protocol codec ----------------------------------------------------------
@@ -560,10 +564,19 @@ class SimulatorServer:
         host, port = self.config.dashboard
         try:
             return Dashboard(host, port, self.config.dashboard_admin, lambda body: decode(body, CALL_BYTES_LIMIT),
-                             self.config.dashboard_hosts, self.config.dashboard_token)
+                             self.config.dashboard_hosts, self.config.dashboard_token, self._task_form())
         except OSError as error:
             self.shutdown()
             raise SetupError(f"cannot serve the dashboard on {host}:{port}: {error.strerror or error}") from None
+
+    def _task_form(self):
+        """The dashboard's task builder over LIBERO's task folder, when LIBERO serves one."""
+        from server.task_form import TaskForm
+
+        for catalog in self.catalogs.values():
+            if catalog.task_folder is not None and catalog.task_folder.registry.simulator == "libero":
+                return TaskForm(catalog.task_folder, catalog.interpreter)
+        return None
 
     @property
     def endpoint(self) -> str:
@@ -746,6 +759,7 @@ class Dispatcher:
             "simulator_sessions": self.sessions.with_simulator(), "max_sessions": self.server.config.max_sessions,
             "uptime_s": round(time.monotonic() - self.server.started, 3),
             **{key: backend[key] for key in PROVENANCE_KEYS if key in backend},
+            **self.catalogs[session.simulator].task_folder_info(),
         }
 
     def _forward(self, session: Session, envelope: List[bytes], request: Request) -> None:
@@ -848,6 +862,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         problem = curve_problem(config.curve_secret_key, config.curve_clients)
         if problem:
             raise SetupError(problem)
+        if config.task_dir:  # the catalogs and simulator processes read it from there
+            os.environ["SIM_TASK_DIR"] = config.task_dir
         server = SimulatorServer(config, open_catalogs(config.simulators, config.interpreters))
     except (SetupError, CatalogError) as error:
         print(f"sim_server: {error}", file=sys.stderr)

@@ -143,6 +143,11 @@ class SimulatorBackend(abc.ABC):
         """Suites this backend knows of but cannot load here: suite -> why, said to the client."""
         return {}
 
+    def task_registry(self) -> Optional[Dict[str, Any]]:
+        """The tables custom task specs are checked against (backends/task_specs.py Registry), for a
+        backend that serves a task folder (SIM_TASK_DIR); None otherwise."""
+        return None
+
     @abc.abstractmethod
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
         """Build the simulator for `task_name` and return its task_info.

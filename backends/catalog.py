@@ -38,7 +38,7 @@ def catalog_snapshot(simulator: str) -> Dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints a line per suite it opens
             return {"tasks": backend.list_tasks(), "suites": backend.suites(),
                     "unavailable_suites": backend.unavailable_suites(), "info": backend.get_info(),
-                    "worker_env": worker_env}
+                    "worker_env": worker_env, "task_registry": backend.task_registry()}
     finally:
         backend.close()
 

@@ -25,7 +25,8 @@ import difflib
 import logging
 import math
 import os
-from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from backends.base import (
     stack_versions,
 )
 from backends.robosuite_frames import CameraFrames
+from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, TaskFolder
 
 log = logging.getLogger("sim_server.libero")
 
@@ -151,6 +153,19 @@ def env_int(name: str, default: Optional[int]) -> Optional[int]:
     return int(value) if value not in (None, "") else default
 
 
+@dataclass
+class TaskSource:
+    """Where a task comes from: a shipped suite's task, or a custom task from the task folder."""
+
+    suite: str
+    name: str
+    language: str
+    bddl_path: str
+    key: str  # what the built environment is for: same key, same environment
+    init_states: Callable[[], np.ndarray]
+    horizon: Optional[int] = None  # a custom task's own; shipped tasks take the convention's
+
+
 class LiberoBackend(SimulatorBackend):
     name = "libero"
 
@@ -234,23 +249,56 @@ class LiberoBackend(SimulatorBackend):
                       "for it, so it cannot load here"
                 for name in _benchmark_module().get_benchmark_dict() if name not in self.available_suites()}
 
+    def task_registry(self) -> Optional[Dict[str, Any]]:
+        if not os.environ.get(TASK_DIR_VARIABLE):
+            return None
+        from backends.libero_tasks import libero_registry
+
+        return asdict(libero_registry())
+
     # Loading ----------------------------------------------------------------
 
-    def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+    def task_source(self, task_name: str) -> TaskSource:
+        """The shipped task "suite/task" (or "task" of the default suite), or "custom/NAME" from the
+        task folder (built on first use)."""
+        if task_name.startswith(CUSTOM_SUITE + "/"):
+            return self._custom_source(task_name)
         suite_name, index = self.resolve(task_name)
-        settings = self._load_settings(suite_name, options)
-        key = (f"{suite_name}/{index}", settings["camera_width"], settings["camera_height"], settings["cameras"])
-        if key != self.env_key:
-            self._build_env(suite_name, index, settings)
-            self.env_key = key
         suite = self._suite(suite_name)
         task = suite.get_task(index)
-        self.task = {"suite": suite_name, "task_name": task.name, "language": task.language, **settings}
+        bddl = os.path.join(_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        return TaskSource(suite=suite_name, name=task.name, language=task.language, bddl_path=bddl,
+                          key=f"{suite_name}/{index}",
+                          init_states=lambda: np.asarray(suite.get_task_init_states(index)))
+
+    def _custom_source(self, task_name: str) -> TaskSource:
+        from backends.libero_tasks import built_task, libero_registry
+
+        folder = os.environ.get(TASK_DIR_VARIABLE)
+        if not folder:
+            raise TaskNotFound(f"{task_name}: this server has no task folder (sim_server.py --task-dir DIR)")
+        try:
+            entry = TaskFolder(folder, libero_registry()).find(task_name)
+        except KeyError as error:
+            raise TaskNotFound(error.args[0]) from None
+        built = built_task(entry)
+        return TaskSource(suite=CUSTOM_SUITE, name=built.name, language=built.language, bddl_path=built.bddl_path,
+                          key=f"{task_name}@{built.source_sha256}", init_states=lambda: built.init_states,
+                          horizon=built.horizon)
+
+    def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+        source = self.task_source(task_name)
+        settings = self._load_settings(source, options)
+        key = (source.key, settings["camera_width"], settings["camera_height"], settings["cameras"])
+        if key != self.env_key:
+            self._build_env(source, settings)
+            self.env_key = key
+        self.task = {"suite": source.suite, "task_name": source.name, "language": source.language, **settings}
         self.next_init_state = 0
         observation = self._present(self._begin_episode(self.task["seed"], 0))
         return self._task_info(observation)
 
-    def _load_settings(self, suite_name: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    def _load_settings(self, source: TaskSource, options: Dict[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(options) - set(LOAD_OPTIONS))
         if unknown:
             raise InvalidParams(f"unknown LIBERO load options {unknown}; options: {', '.join(LOAD_OPTIONS)}")
@@ -258,8 +306,8 @@ class LiberoBackend(SimulatorBackend):
         if name not in CONVENTIONS:
             raise InvalidParams(f"unknown convention {name!r}; conventions: {', '.join(CONVENTIONS)}")
         convention = CONVENTIONS[name]
-        horizon = self.max_steps_override or convention["horizons"].get(
-            suite_name, convention.get("default_horizon", DEFAULT_HORIZON))
+        horizon = self.max_steps_override or source.horizon or convention["horizons"].get(
+            source.suite, convention.get("default_horizon", DEFAULT_HORIZON))
         settle = convention["settle_steps"] if self.settle_steps_override is None else self.settle_steps_override
         settings = {
             "convention": name,
@@ -281,18 +329,15 @@ class LiberoBackend(SimulatorBackend):
         settings["cameras"] = _cameras(options.get("cameras"), keys)
         return settings
 
-    def _build_env(self, suite_name: str, index: int, settings: Dict[str, Any]) -> None:
+    def _build_env(self, source: TaskSource, settings: Dict[str, Any]) -> None:
         from libero.libero.envs import OffScreenRenderEnv
 
         self.close()
-        suite = self._suite(suite_name)
-        bddl = os.path.join(_libero_path("bddl_files"), suite.tasks[index].problem_folder,
-                            suite.tasks[index].bddl_file)
         # ignore_done: truncation is ours (max_episode_steps), robosuite's own horizon must not end episodes.
-        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_names=list(settings["cameras"]),
+        self.env = OffScreenRenderEnv(bddl_file_name=source.bddl_path, camera_names=list(settings["cameras"]),
                                       camera_heights=settings["camera_height"], camera_widths=settings["camera_width"],
                                       ignore_done=True)
-        self.init_states = np.asarray(suite.get_task_init_states(index))
+        self.init_states = source.init_states()
         self.frames = CameraFrames(self.env.env)
         self.env_renderer = env_gl_strings(self.env.env)
         self.model_seed = None

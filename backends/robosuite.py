@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from dataclasses import asdict
 from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -42,6 +44,7 @@ from backends.base import (
     stack_versions,
 )
 from backends.robosuite_frames import CameraFrames
+from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, Registry, TaskFolder
 
 log = logging.getLogger("sim_server.robosuite")
 LOAD_OPTIONS = ("robots", "controller", "cameras", "camera_width", "camera_height", "horizon", "reward_shaping")
@@ -127,7 +130,31 @@ class RobosuiteBackend(SimulatorBackend):
             self._names = environment_names()
         return list(self._names)
 
+    def task_registry(self) -> Optional[Dict[str, Any]]:
+        if not os.environ.get(TASK_DIR_VARIABLE):
+            return None
+        import robosuite
+        from robosuite.controllers import ALL_CONTROLLERS
+
+        return asdict(Registry(objects=[], affordances={}, predicates=[], shipped_tasks=self.list_tasks(),
+                               simulator=self.name, robots=sorted(robosuite.ALL_ROBOTS),
+                               controllers=sorted(ALL_CONTROLLERS)))
+
+    def custom_task(self, task_name: str, options: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        """A custom/NAME spec's base environment, and its options under the client's own."""
+        folder = os.environ.get(TASK_DIR_VARIABLE)
+        if not folder:
+            raise TaskNotFound(f"{task_name}: this server has no task folder (sim_server.py --task-dir DIR)")
+        try:
+            spec = TaskFolder(folder, Registry.from_json(self.task_registry())).find(task_name).spec
+        except KeyError as error:
+            raise TaskNotFound(error.args[0]) from None
+        return spec.environment, {**spec.options, **options}
+
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
+        shown_name = task_name
+        if task_name.startswith(CUSTOM_SUITE + "/"):
+            task_name, options = self.custom_task(task_name, options)
         names = self.list_tasks()
         if task_name not in names:
             raise TaskNotFound(f"no robosuite environment {task_name!r}; environments: {', '.join(names)}")
@@ -143,7 +170,7 @@ class RobosuiteBackend(SimulatorBackend):
         low, high = self.env.action_spec
         action = array_spec((self.env.action_dim,), np.float64, low, high)
         return {
-            "task_name": task_name, "description": f"robosuite {task_name}",
+            "task_name": shown_name, "environment": task_name, "description": f"robosuite {task_name}",
             "max_episode_steps": settings["horizon"], "robots": settings["robots"],
             "controller": settings["controller"], "cameras": settings["cameras"],
             "image_size": [settings["camera_height"], settings["camera_width"]],

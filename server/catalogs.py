@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from backends.base import BackendError, TaskNotFound
 from backends.catalog import catalog_snapshot
+from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, Registry, TaskFolder
 
 log = logging.getLogger("sim_server")
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,12 +57,17 @@ class Catalog:
         self.info: Dict[str, Any] = snapshot.get("info", {"backend_name": simulator, "backend_version": "unknown"})
         self.worker_env: Dict[str, str] = snapshot.get("worker_env", {})
         self.known = set(self.tasks).union(*self.suites.values())
+        registry, folder = snapshot.get("task_registry"), os.environ.get(TASK_DIR_VARIABLE)
+        # custom/NAME tasks, read afresh from the operator's folder on every call
+        self.task_folder = TaskFolder(folder, Registry.from_json(registry)) if registry and folder else None
 
     def list_tasks(self, suite: Optional[str] = None) -> List[str]:
         """The default task list, or a suite's tasks; TaskNotFound for a suite that cannot load here."""
         self._check_usable()
         if suite is None:
             return self.tasks
+        if suite == CUSTOM_SUITE and self.task_folder is not None:
+            return self.task_folder.task_names()
         if suite in self.suites:
             return self.suites[suite]
         raise TaskNotFound(self._no_suite(suite))
@@ -72,11 +78,24 @@ class Catalog:
         if task_name in self.known:
             return
         suite = task_name.rpartition("/")[0]
+        if suite == CUSTOM_SUITE and self.task_folder is not None:
+            try:
+                self.task_folder.find(task_name)  # InvalidParams names what is wrong with its file
+            except KeyError as error:
+                raise TaskNotFound(error.args[0]) from None
+            return
         if suite and suite not in self.suites:
             raise TaskNotFound(self._no_suite(suite))
         choices = self.suites.get(suite, self.tasks)
         close = difflib.get_close_matches(task_name, choices, n=5, cutoff=0.3)
         raise TaskNotFound(f"no {self.simulator} task {task_name!r}; close matches: {close or choices[:5]}")
+
+    def task_folder_info(self) -> Dict[str, Any]:
+        """get_info's view of the task folder: where it is, its tasks, and the files it cannot serve."""
+        if self.task_folder is None:
+            return {}
+        entries, problems = self.task_folder.scan()
+        return {"task_folder": {"path": self.task_folder.folder, "tasks": len(entries), "problems": problems}}
 
     def _check_usable(self) -> None:
         if self.problem is not None:
@@ -85,6 +104,8 @@ class Catalog:
     def _no_suite(self, suite: str) -> str:
         if suite in self.unavailable_suites:
             return self.unavailable_suites[suite]
+        if suite == CUSTOM_SUITE:
+            return f"{self.simulator} serves no custom tasks here: start sim_server.py with --task-dir DIR"
         if not self.suites:
             return f"the {self.simulator} simulator has no task suites; call list_tasks without 'suite'"
         close = difflib.get_close_matches(suite, list(self.suites), n=5)

@@ -18,7 +18,8 @@ it in the X-Sim-Token header (which no cross-site form can set), and a GET never
 
 Routes: GET `/` (the page), `/api/status` (server, sessions, recent warnings: for scripts),
 `/api/thumbnails` (session id -> PNG data URL); POST `/api/end` with `{"session": ID}` (only with
---dashboard-admin: ends that session).
+--dashboard-admin: ends that session). With --dashboard-admin and --task-dir also the task builder
+(server/task_form.py): GET `/tasks` and `/api/tasks/choices`, POST `/api/tasks/check`, `save`, `preview`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from server.task_form import PAGE as TASK_PAGE
+from server.task_form import TaskForm
+
 THUMBNAIL_PIXELS = 128  # the longer side of a thumbnail
 MAX_CLIENTS = 8  # HTTP requests served at once; more are closed unanswered
 REQUEST_TIMEOUT_S = 5.0  # a request must arrive whole within this
@@ -50,7 +54,7 @@ MAX_POST_BYTES = 4096  # an action's JSON body
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 TOKEN_COOKIE = "sim_dashboard_token"
 TOKEN_HEADER = "X-Sim-Token"
-ACTIONS = ("/api/end",)  # POST only
+ACTIONS = ("/api/end", "/api/tasks/check", "/api/tasks/save", "/api/tasks/preview")  # POST only
 log = logging.getLogger("sim_server")
 
 
@@ -275,13 +279,16 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._send_json({"error": "this dashboard listens beyond loopback: open the URL with ?token=... that "
                                       "the server logged"}, 403)
         elif route.path == "/":
-            remember = self.server.access.matches(query_token)
-            cookie = {"Set-Cookie": f"{TOKEN_COOKIE}={query_token}; Path=/; SameSite=Strict"} if remember else {}
-            self._send(200, "text/html; charset=utf-8", PAGE.encode(), cookie)
+            self._send(200, "text/html; charset=utf-8", PAGE.encode(), self._remembered(query_token))
         elif route.path == "/api/status":
             self._send_json(self.server.state.status())
         elif route.path == "/api/thumbnails":
             self._send_json(self.server.state.thumbnails())
+        elif route.path in ("/tasks", "/api/tasks/choices") and self._task_form() is not None:
+            if route.path == "/tasks":
+                self._send(200, "text/html; charset=utf-8", TASK_PAGE.encode(), self._remembered(query_token))
+            else:
+                self._send_json(self.server.task_form.choices())
         else:
             self._send_json({"error": f"no page {route.path}"}, 404)
 
@@ -297,8 +304,27 @@ class DashboardHandler(BaseHTTPRequestHandler):
                                       "(the server logs the URL that carries it)"}, 403)
             return
         body = self._json_body()
-        if body is not None:
+        if body is None:
+            return
+        if route.path == "/api/end":
             self._end_session(body.get("session"))
+        elif self._task_form() is not None:
+            action = {"/api/tasks/check": self.server.task_form.check, "/api/tasks/save": self.server.task_form.save,
+                      "/api/tasks/preview": self.server.task_form.preview}[route.path]
+            self._send_json(*reversed(action(body)))
+
+    def _task_form(self):
+        """The task builder, or None after a 404 saying what turns it on."""
+        if self.server.task_form is None:
+            self._send_json({"error": "the task builder needs a server started with --dashboard-admin and "
+                                      "--task-dir DIR (serving libero)"}, 404)
+        return self.server.task_form
+
+    def _remembered(self, query_token: Optional[str]) -> Dict[str, str]:
+        """A page opened with the right ?token= keeps it in a cookie for its actions."""
+        if not self.server.access.matches(query_token):
+            return {}
+        return {"Set-Cookie": f"{TOKEN_COOKIE}={query_token}; Path=/; SameSite=Strict"}
 
     def _host_checked(self) -> bool:
         if self.server.access.host_allowed(self.headers.get("Host")):
@@ -370,11 +396,13 @@ class DashboardHandler(BaseHTTPRequestHandler):
 class DashboardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: Tuple[str, int], state: DashboardState, admin: bool, access: DashboardAccess) -> None:
+    def __init__(self, address: Tuple[str, int], state: DashboardState, admin: bool, access: DashboardAccess,
+                 task_form: Optional[TaskForm]) -> None:
         super().__init__(address, DashboardHandler)
         self.state = state
         self.admin = admin
         self.access = access
+        self.task_form = task_form if admin else None
         self.end_requests: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
 
@@ -401,12 +429,12 @@ class Dashboard:
     """
 
     def __init__(self, host: str, port: int, admin: bool, decode: Callable[[bytes], Dict[str, Any]],
-                 host_names: Tuple[str, ...] = (), token: str = "") -> None:
+                 host_names: Tuple[str, ...] = (), token: str = "", task_form: Optional[TaskForm] = None) -> None:
         self.activity: Dict[str, SessionActivity] = {}  # the loop thread's alone
         self.recent_log = RecentLog()
         self.state = DashboardState(decode, self.recent_log)
         self.access = DashboardAccess(host, host_names, token)
-        self.http = DashboardHTTPServer((host, port), self.state, admin, self.access)
+        self.http = DashboardHTTPServer((host, port), self.state, admin, self.access, task_form)
         logging.getLogger().addHandler(self.recent_log)
         self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.5},
                                        name="dashboard", daemon=True)
@@ -439,6 +467,7 @@ class Dashboard:
             "simulator_sessions": server.sessions.with_simulator(), "max_sessions": server.config.max_sessions,
             "requests_total": server.requests_seen, "requests_per_s": round(server.requests_per_s, 1),
             "curve": server.curve is not None, "admin": server.config.dashboard_admin, "session_rows": rows,
+            "task_builder": self.http.task_form is not None,
         }
 
     def _session_row(self, session, now: float, peer: Optional[str]) -> Dict[str, Any]:
@@ -486,6 +515,7 @@ img.thumb { width: 96px; height: 96px; object-fit: contain; background: #222; bo
 <body>
 <h1>Simulator Inference Center</h1>
 <div id="server" class="facts"><span class="muted">loading...</span></div>
+<p id="builder" hidden><a href="/tasks">New custom task</a> (task builder)</p>
 <h2>Sessions</h2>
 <table><thead><tr><th>camera</th><th>session</th><th>peer</th><th>simulator</th><th>task</th><th>episode</th>
 <th>step</th><th>reward</th><th>success</th><th>idle s</th><th>worker</th><th>RSS MB</th><th></th></tr></thead>
@@ -523,6 +553,7 @@ function showServer(server) {
   fact(box, "sessions in use / max", server.simulator_sessions + " / " + server.max_sessions);
   fact(box, "requests per second", server.requests_per_s);
   fact(box, "CURVE", server.curve ? "on" : "off");
+  document.getElementById("builder").hidden = !server.task_builder;
 }
 function showSessions(status) {
   const body = document.getElementById("sessions"); body.replaceChildren();

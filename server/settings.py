@@ -71,6 +71,15 @@ def egl_device_setting(text: str) -> Tuple[str, ...]:
     return tuple(str(index) for index in range(len(glob.glob("/proc/driver/nvidia/gpus/*"))))
 
 
+def task_dir_setting(text: str) -> str:
+    """--task-dir as an absolute path, or "" for none; SetupError when it is not a folder."""
+    if not text:
+        return ""
+    if not os.path.isdir(text):
+        raise SetupError(f"--task-dir {text!r} is not a folder (create it, then add task specs to it)")
+    return os.path.abspath(text)
+
+
 def dashboard_address(text: str) -> Optional[Tuple[str, int]]:
     """"8080" -> ("127.0.0.1", 8080); "0.0.0.0:8080" as written; "" -> None (off)."""
     if not text:
