@@ -22,7 +22,10 @@ import zmq.utils.monitor
 import sim_client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-START_TIMEOUT_S = 60
+# A bound on a hang, not a speed test: a server starts once it has read each simulator's catalog,
+# which may take up to the server's own catalog limit (180 s; ManiSkill imports torch and probes
+# Vulkan, and took over 60 s on a loaded 2-core machine).
+START_TIMEOUT_S = 240
 REPLY_TIMEOUT_MS = 120_000  # a bound on a hang: a busy machine makes a ManiSkill load take 45 s
 
 
