@@ -87,7 +87,7 @@ class TaskSpec:
 
     def instances(self) -> Dict[str, str]:
         """Every object and fixture instance in the scene (e.g. plate_1) -> its category."""
-        named = {name: WORKSPACE_FIXTURES[self.workspace] for name in [self.workspace]}
+        named = {self.workspace: WORKSPACE_FIXTURES[self.workspace]}
         for category, count in {**self.fixtures, **self.objects}.items():
             named.update({f"{category}_{i}": category for i in range(1, count + 1)})
         return named
@@ -165,7 +165,7 @@ def check_robosuite_spec(data: Dict[str, Any], stem: str, registry: Registry) ->
     if environment not in registry.shipped_tasks:
         raise InvalidParams(f"environment {environment!r}: {choices(str(environment), registry.shipped_tasks)}")
     robots = data.get("robots", "Panda")
-    for robot in [robots] if isinstance(robots, str) else robots if isinstance(robots, list) else [robots]:
+    for robot in robots if isinstance(robots, list) else [robots]:
         if robot not in registry.robots:
             raise InvalidParams(f"robots: no robosuite robot {robot!r}; {choices(str(robot), registry.robots)}")
     controller = data.get("controller", "OSC_POSE")
