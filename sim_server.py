@@ -557,6 +557,8 @@ class SimulatorServer:
             self.poller.register(socket, zmq.POLLIN)
         self.dashboard = self._start_dashboard() if config.dashboard is not None else None
         self.dispatcher = Dispatcher(self)
+        if self.dashboard is not None:
+            self.dashboard.publish(self)  # a page opened before the first tick sees the server, not a blank
 
     def _start_dashboard(self):
         from server.dashboard import Dashboard  # only when asked for: nothing of it runs otherwise
