@@ -3681,7 +3681,29 @@ def test_libero_run_verifies_on_a_second_server_its_replayed_video_is_the_same_a
     original_frames, replayed_frames = iio.imread(original_video), iio.imread(replayed_video)
     assert original_frames.shape[0] == 15 and np.array_equal(original_frames, replayed_frames)  # reset + 14 steps
 
-    content = json.loads(results.read_text())  # the same run claimed under another convention
+    original = results.read_text()
+    flipped = json.loads(original)
+    flipped["episodes"][0]["success"] = True
+    results.write_text(json.dumps(flipped))
+    caught = run_eval_cli("verify", str(results), "--address", second_libero_server.address, timeout=600)
+    assert caught.returncode == 1, caught.stdout
+    assert f"#0 {task} init 0: diverged from step 14: success: recorded True, replayed False" in caught.stdout
+
+    results.write_text(original)
+    actions_file = tmp_path / "run.actions" / flipped["episodes"][0]["actions_file"]
+    recorded_actions = actions_file.read_bytes()
+    with np.load(actions_file) as recorded:
+        arrays = dict(recorded)
+    assert arrays["checks"].tolist() == [4, 8, 12, 14]  # a state digest after each of CHUNK_POLICY's round trips
+    arrays["action.action"][[5, 6]] = arrays["action.action"][[6, 5]]  # two actions of the second chunk swapped
+    write_npz(actions_file, **arrays)
+    caught = run_eval_cli("replay", str(results), "--episodes", "0", "--address", second_libero_server.address,
+                          timeout=600)
+    assert caught.returncode == 1 and "the actions file does not match the record's digest" in caught.stdout
+    assert "state after step 8 differs (equal after step 4)" in caught.stdout, caught.stdout
+
+    actions_file.write_bytes(recorded_actions)
+    content = json.loads(original)  # the same run claimed under another convention
     content["run"]["settings"]["load_options"]["convention"] = "standard"
     results.write_text(json.dumps(content))
     caught = run_eval_cli("verify", str(results), "--address", libero_server.address, timeout=600)
