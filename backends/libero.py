@@ -49,7 +49,7 @@ from backends.base import (
     stack_versions,
 )
 from backends.robosuite_frames import CameraFrames
-from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, TaskFolder
+from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, served_task
 
 log = logging.getLogger("sim_server.libero")
 
@@ -274,14 +274,7 @@ class LiberoBackend(SimulatorBackend):
     def _custom_source(self, task_name: str) -> TaskSource:
         from backends.libero_tasks import built_task, libero_registry
 
-        folder = os.environ.get(TASK_DIR_VARIABLE)
-        if not folder:
-            raise TaskNotFound(f"{task_name}: this server has no task folder (sim_server.py --task-dir DIR)")
-        try:
-            entry = TaskFolder(folder, libero_registry()).find(task_name)
-        except KeyError as error:
-            raise TaskNotFound(error.args[0]) from None
-        built = built_task(entry)
+        built = built_task(served_task(task_name, libero_registry()))
         return TaskSource(suite=CUSTOM_SUITE, name=built.name, language=built.language, bddl_path=built.bddl_path,
                           key=f"{task_name}@{built.source_sha256}", init_states=lambda: built.init_states,
                           horizon=built.horizon)

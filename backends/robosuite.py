@@ -44,7 +44,7 @@ from backends.base import (
     stack_versions,
 )
 from backends.robosuite_frames import CameraFrames
-from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, Registry, TaskFolder
+from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, Registry, served_task
 
 log = logging.getLogger("sim_server.robosuite")
 LOAD_OPTIONS = ("robots", "controller", "cameras", "camera_width", "camera_height", "horizon", "reward_shaping")
@@ -131,24 +131,19 @@ class RobosuiteBackend(SimulatorBackend):
         return list(self._names)
 
     def task_registry(self) -> Optional[Dict[str, Any]]:
-        if not os.environ.get(TASK_DIR_VARIABLE):
-            return None
+        return asdict(self._registry()) if os.environ.get(TASK_DIR_VARIABLE) else None
+
+    def _registry(self) -> Registry:
+        """What robosuite specs are checked against: its environments, robots and controllers."""
         import robosuite
         from robosuite.controllers import ALL_CONTROLLERS
 
-        return asdict(Registry(objects=[], affordances={}, predicates=[], shipped_tasks=self.list_tasks(),
-                               simulator=self.name, robots=sorted(robosuite.ALL_ROBOTS),
-                               controllers=sorted(ALL_CONTROLLERS)))
+        return Registry(objects=[], affordances={}, predicates=[], shipped_tasks=self.list_tasks(),
+                        simulator=self.name, robots=sorted(robosuite.ALL_ROBOTS), controllers=sorted(ALL_CONTROLLERS))
 
     def custom_task(self, task_name: str, options: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         """A custom/NAME spec's base environment, and its options under the client's own."""
-        folder = os.environ.get(TASK_DIR_VARIABLE)
-        if not folder:
-            raise TaskNotFound(f"{task_name}: this server has no task folder (sim_server.py --task-dir DIR)")
-        try:
-            spec = TaskFolder(folder, Registry.from_json(self.task_registry())).find(task_name).spec
-        except KeyError as error:
-            raise TaskNotFound(error.args[0]) from None
+        spec = served_task(task_name, self._registry()).spec
         return spec.environment, {**spec.options, **options}
 
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:

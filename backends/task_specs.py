@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from backends.base import InvalidParams
+from backends.base import InvalidParams, TaskNotFound
 
 CUSTOM_SUITE = "custom"
 TASK_DIR_VARIABLE = "SIM_TASK_DIR"  # the folder, as sim_server.py --task-dir sets it for its processes
@@ -352,8 +352,8 @@ class TaskFolder:
         return [f"{CUSTOM_SUITE}/{name}" for name in self.scan()[0]]
 
     def find(self, task_name: str) -> FolderEntry:
-        """The entry of "custom/NAME"; InvalidParams for a broken file, a TaskNotFound-worthy KeyError
-        (with close matches) for no such task."""
+        """The entry of "custom/NAME"; InvalidParams for a broken file, TaskNotFound (with close
+        matches) for no such task."""
         name = task_name.split("/", 1)[1] if task_name.startswith(CUSTOM_SUITE + "/") else task_name
         entries, problems = self.scan()
         if name in entries:
@@ -362,5 +362,14 @@ class TaskFolder:
         if broken:
             raise InvalidParams(f"custom/{name}: {broken[0]}")
         close = difflib.get_close_matches(name, list(entries), n=5, cutoff=0.3)
-        raise KeyError(f"no custom task {name!r} in the task folder; close matches: "
+        raise TaskNotFound(f"no custom task {name!r} in the task folder; close matches: "
                        f"{[f'{CUSTOM_SUITE}/{c}' for c in close] or self.task_names()[:5]}")
+
+
+def served_task(task_name: str, registry: Registry) -> FolderEntry:
+    """A worker's "custom/NAME" from the folder the server serves (TASK_DIR_VARIABLE); TaskNotFound
+    when it serves none or has no such task, InvalidParams for a broken file."""
+    folder = os.environ.get(TASK_DIR_VARIABLE)
+    if not folder:
+        raise TaskNotFound(f"{task_name}: this server has no task folder (sim_server.py --task-dir DIR)")
+    return TaskFolder(folder, registry).find(task_name)

@@ -79,10 +79,7 @@ class Catalog:
             return
         suite = task_name.rpartition("/")[0]
         if suite == CUSTOM_SUITE and self.task_folder is not None:
-            try:
-                self.task_folder.find(task_name)  # InvalidParams names what is wrong with its file
-            except KeyError as error:
-                raise TaskNotFound(error.args[0]) from None
+            self.task_folder.find(task_name)  # InvalidParams names what is wrong with its file
             return
         if suite and suite not in self.suites:
             raise TaskNotFound(self._no_suite(suite))
