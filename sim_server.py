@@ -47,6 +47,7 @@ from backends.base import (
     UnknownMethod,
     UnknownSimulator,
 )
+from backends.task_specs import TASK_DIR_VARIABLE
 from server.catalogs import Catalog, CatalogError, open_catalogs
 from server.process import reuse_freed_memory
 from server.settings import (
@@ -865,7 +866,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if problem:
             raise SetupError(problem)
         if config.task_dir:  # the catalogs and simulator processes read it from there
-            os.environ["SIM_TASK_DIR"] = config.task_dir
+            os.environ[TASK_DIR_VARIABLE] = config.task_dir
         server = SimulatorServer(config, open_catalogs(config.simulators, config.interpreters))
     except (SetupError, CatalogError) as error:
         print(f"sim_server: {error}", file=sys.stderr)
