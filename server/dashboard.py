@@ -311,7 +311,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif self._task_form() is not None:
             action = {"/api/tasks/check": self.server.task_form.check, "/api/tasks/save": self.server.task_form.save,
                       "/api/tasks/preview": self.server.task_form.preview}[route.path]
-            self._send_json(*reversed(action(body)))
+            status, reply = action(body)
+            self._send_json(reply, status)
 
     def _task_form(self):
         """The task builder, or None after a 404 saying what turns it on."""

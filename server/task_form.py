@@ -58,18 +58,23 @@ class TaskForm:
             return 400, {"error": str(error)}
         entries, _ = self.folder.scan()
         path = os.path.join(self.folder.folder, f"{spec.name}.json")
+        taken = 409, {"error": f"custom/{spec.name} exists: pick another name (the form never overwrites)"}
         if spec.name in entries or os.path.exists(path):
-            return 409, {"error": f"custom/{spec.name} exists: pick another name (the form never overwrites)"}
+            return taken
         data = {key: value for key, value in data.items() if key != "name"}
         with tempfile.NamedTemporaryFile("w", dir=self.folder.folder, suffix=".tmp", delete=False) as temporary:
             json.dump(data, temporary, indent=1)
-        os.link(temporary.name, path)  # fails rather than replace a file made meanwhile
-        os.unlink(temporary.name)
+        try:
+            os.link(temporary.name, path)  # fails rather than replace a file made meanwhile
+        except FileExistsError:
+            return taken
+        finally:
+            os.unlink(temporary.name)
         return 200, {"saved": f"custom/{spec.name}", "file": os.path.basename(path)}
 
     def preview(self, body: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
         """Init states 0..3 of a saved task, rendered by LIBERO's interpreter, as a PNG data URL."""
-        entries, problems = self.folder.scan()
+        entries, _ = self.folder.scan()
         name = body.get("name")
         if name not in entries:
             return 404, {"error": f"no servable custom task {name!r}; tasks: {sorted(entries)}"}
