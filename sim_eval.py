@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
                            epilog="sim_eval.py compare A.json B.json compares two runs pair by pair; "
                                   "sim_eval.py verify RESULTS.json replays a run from its recorded actions; "
                                   "sim_eval.py replay RESULTS.json replays, films or forks episodes (each has --help).")
-    parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
+    add_server_flags(parser, "simulator to select on a server that serves several (see list_simulators)")
     parser.add_argument("--policy", default="zero",
                         help="zero, random, module:function(observation, task_info), or openpi://HOST:PORT")
     parser.add_argument("--suite", default=None, help="evaluate this suite's tasks (LIBERO: libero_spatial, ...)")
@@ -91,14 +91,9 @@ def parser() -> argparse.ArgumentParser:
                         help="how long a batch waits for stragglers")
     parser.add_argument("--replan-steps", type=int, default=DEFAULT_REPLAN_STEPS,
                         help="openpi://: actions of each returned chunk run before asking again")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per simulator call")
     parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
                         help="seconds an episode waits for a batched or openpi:// policy's action before it fails "
                              "as policy_timeout")
-    parser.add_argument("--simulator", default=None,
-                        help="simulator to select on a server that serves several (see list_simulators)")
-    parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
-    parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
     ray_flags = parser.add_argument_group("servers started by Ray (pip install -r requirements-ray.txt)")
     ray_flags.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
                            help="start the servers as Ray actors on this cluster (auto, HOST:PORT of the head, "
@@ -140,14 +135,16 @@ def compare(argv: List[str]) -> int:
     return 0
 
 
-def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """Where the replaying servers are and how to reach them."""
+def add_server_flags(parser: argparse.ArgumentParser, simulator_help: str) -> None:
+    """Where the servers are and how to reach them (a run's, a replay's and a verification's)."""
     parser.add_argument("--address", action="append", help="server address; repeat to spread over servers")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per simulator call")
-    parser.add_argument("--simulator", default=None,
-                        help="simulator to select (default: the one the run used, as its results file says)")
+    parser.add_argument("--simulator", default=None, help=simulator_help)
     parser.add_argument("--server-key", default=None, help="server's CURVE public key file (server.key)")
     parser.add_argument("--client-key", default=None, help="this client's CURVE secret key file (client.key_secret)")
+
+
+REPLAY_SIMULATOR_HELP = "simulator to select (default: the one the run used, as its results file says)"
 
 
 def replay_parser() -> argparse.ArgumentParser:
@@ -168,7 +165,7 @@ def replay_parser() -> argparse.ArgumentParser:
                         help="openpi://: actions of each returned chunk run before asking again")
     parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
                         help="seconds to wait for an openpi:// policy's action")
-    add_server_flags(parser)
+    add_server_flags(parser, REPLAY_SIMULATOR_HELP)
     return parser
 
 
@@ -183,7 +180,7 @@ def verify_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the seed that draws --sample")
     parser.add_argument("--output", default=None,
                         help="where the verification JSON goes (default RESULTS.verified.json)")
-    add_server_flags(parser)
+    add_server_flags(parser, REPLAY_SIMULATOR_HELP)
     return parser
 
 
