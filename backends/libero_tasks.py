@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -54,7 +55,7 @@ def libero_registry() -> Registry:
         from libero.libero.envs.predicates import VALIDATE_PREDICATE_FN_DICT
         from libero.libero.utils.object_utils import get_affordance_regions
 
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with contextlib.redirect_stdout(io.StringIO()):
             affordances = get_affordance_regions(OBJECTS_DICT)
             shipped = sorted({name for suite in benchmark.get_benchmark_dict().values()
                               for name in suite().get_task_names()})
@@ -89,7 +90,7 @@ def generate_bddl(spec: TaskSpec) -> str:
         def init_states(self):
             return list(spec.init)
 
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with contextlib.redirect_stdout(io.StringIO()):
         scene = SpecScene()
         result = get_suite_generator_func(scene.workspace_name)(
             language=spec.language, xy_region_kwargs_list=scene.xy_region_kwargs_list,
@@ -122,7 +123,7 @@ class BuiltTask:
 
 
 def built_task(entry: FolderEntry, rebuild: bool = False) -> BuiltTask:
-    """Entry's task, built when its files are missing or older than its source (see the module)."""
+    """Entry's task, built when its files are missing or were made from another source, count or seed."""
     stem = os.path.splitext(entry.path)[0]
     with open(entry.path, "rb") as source:
         source_sha = hashlib.sha256(source.read()).hexdigest()
