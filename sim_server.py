@@ -735,7 +735,10 @@ class Dispatcher:
         if request.method == "select_simulator":
             return {"simulator": self._select_simulator(session, request.fields["simulator"])}
         if request.method == "list_tasks":
-            return {"tasks": self.catalogs[session.simulator].list_tasks(request.fields["suite"])}
+            catalog, suite = self.catalogs[session.simulator], request.fields["suite"]
+            if suite is not None:
+                return {"tasks": catalog.list_tasks(suite)}
+            return {"tasks": catalog.list_tasks(), "suites": catalog.suite_sizes()}
         if request.method == "get_info":
             return self._session_info(session)
         return {"server_version": SERVER_VERSION, "busy": session.pending is not None}  # ping

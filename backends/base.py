@@ -110,6 +110,22 @@ class SimulatorBackend(abc.ABC):
 
     Observations are flat maps of name -> numpy array. Arrays handed to step()
     are read-only views of the request; copy before writing into one.
+
+    The episode contract (what a score is made of; a runner counts nothing else):
+
+    - every info of reset and step carries `success` (a bool, True only when the
+      simulator's own success criterion holds at that step; always False for a
+      task without one) and `step` (control steps taken in this episode);
+    - task_info carries `has_success` (False where the task has no success
+      criterion: its episodes are scored by return, never by a made-up rate),
+      `control_hz` (how many actions one simulated second applies, or None for a
+      simulator without time), `conventions` (the names the `convention` load
+      option accepts; [] where it has none), `images_rotated_180` (whether the
+      sent camera images are upside down as rendered), and `num_init_states`
+      where episodes start from fixed init states (reset's init_state_index).
+
+    A missing `success` is a failure wherever it is read: `terminated` never
+    stands in for it.
     """
 
     #: Registry name, e.g. "libero"; set by each subclass.
@@ -154,15 +170,17 @@ class SimulatorBackend(abc.ABC):
 
         task_info has at least `action_spec`, `observation_spec` (maps of
         name -> {"shape", "dtype"} plus "low"/"high" where bounded),
-        `max_episode_steps` and `description`. Raises TaskNotFound for an
-        unknown name, InvalidParams for a bad option.
+        `max_episode_steps`, `description`, and the episode contract's keys
+        (CONTRACT_TASK_INFO_KEYS; see the class docstring). Raises TaskNotFound
+        for an unknown name, InvalidParams for a bad option (an unknown
+        convention's message names the known ones).
         """
 
     @abc.abstractmethod
     def reset(
         self, seed: Optional[int] = None, init_state_index: Optional[int] = None
     ) -> Tuple[Observation, Dict[str, Any]]:
-        """Start a new episode and return (observation, info).
+        """Start a new episode and return (observation, info); info has `success` False and `step` 0.
 
         Raises InvalidParams for an out-of-range init_state_index.
         """
@@ -172,7 +190,8 @@ class SimulatorBackend(abc.ABC):
         """Advance one control step: (observation, reward, terminated, truncated, info).
 
         `terminated` means the task reached a terminal state (success or
-        failure), `truncated` that the episode hit max_episode_steps. Raises
+        failure), `truncated` that the episode hit max_episode_steps; info's
+        `success` alone says whether the task succeeded. Raises
         InvalidParams for an action of the wrong keys, shape, dtype, or with
         non-finite values.
         """
@@ -197,6 +216,11 @@ class SimulatorBackend(abc.ABC):
 
     def close(self) -> None:
         """Free the simulator. Safe to call twice and before load_task."""
+
+
+# What every task_info and every step's info carry beside the seed protocol's fields (the episode contract).
+CONTRACT_TASK_INFO_KEYS = ("has_success", "control_hz", "conventions", "images_rotated_180")
+CONTRACT_STEP_INFO_KEYS = ("success", "step")
 
 
 def array_spec(shape, dtype, low=None, high=None) -> Dict[str, Any]:

@@ -12,6 +12,12 @@ outside the action space are invalid_params.
 
 load_task options: render (bool), render_width / render_height (MuJoCo envs),
 max_episode_steps (overrides the registered limit).
+
+Gymnasium's environments declare no success criterion (CartPole, Hopper, ...
+end when they fail or at their time limit), so task_info says
+`has_success: false`, every info's `success` is False, and an evaluation
+reports these tasks by their return. `control_hz` is 1 / the environment's
+`dt` (or CartPole's `tau`); None where the environment has no time.
 """
 
 from __future__ import annotations
@@ -92,6 +98,14 @@ def flatten_observation(value: Any, space, name: str = "observation") -> Observa
     return {name: np.asarray(value)}
 
 
+def control_hz(env) -> Optional[float]:
+    """Actions per simulated second: 1 / dt (MuJoCo's and most classic environments), or 1 / tau
+    (CartPole); None for an environment without time (MountainCar's steps are not seconds)."""
+    unwrapped = env.unwrapped
+    seconds = getattr(unwrapped, "dt", None) or getattr(unwrapped, "tau", None)
+    return round(1.0 / float(seconds), 6) if isinstance(seconds, (int, float)) and seconds > 0 else None
+
+
 def serializable_info(info: Dict[str, Any]) -> Dict[str, Any]:
     """The info entries msgpack can carry: numbers, strings, bools and numeric arrays."""
     kept = {}
@@ -111,6 +125,7 @@ class GymnasiumBackend(SimulatorBackend):
         self.env = None
         self.render = False
         self.task_name: Optional[str] = None
+        self.steps = 0
 
     @classmethod
     def prepare_server(cls) -> None:
@@ -160,6 +175,7 @@ class GymnasiumBackend(SimulatorBackend):
             "max_episode_steps": int(limit or 0),  # 0: the environment sets no limit
             "action_spec": action_spec, "observation_spec": observation_spec,
             "action_space": next(iter(action_spec.values())),
+            "has_success": False, "control_hz": control_hz(self.env), "conventions": [], "images_rotated_180": False,
         }
 
     @staticmethod
@@ -184,7 +200,8 @@ class GymnasiumBackend(SimulatorBackend):
         if seed is not None and not 0 <= seed < 2**32:
             raise InvalidParams("seed must be in [0, 2**32)")
         observation, info = self.env.reset(seed=seed)
-        return self._observation(observation), serializable_info(info)
+        self.steps = 0
+        return self._observation(observation), {**serializable_info(info), "success": False, "step": 0}
 
     @contextlib.contextmanager
     def frames_skipped(self, keep: Collection[str] = ()) -> Iterator[None]:
@@ -200,8 +217,9 @@ class GymnasiumBackend(SimulatorBackend):
     def step(self, action: Dict[str, np.ndarray]) -> StepResult:
         require_task(self.env is not None, "step")
         observation, reward, terminated, truncated, info = self.env.step(self._checked_action(action))
+        self.steps += 1
         return self._observation(observation), float(reward), bool(terminated), bool(truncated), \
-            serializable_info(info)
+            {**serializable_info(info), "success": False, "step": self.steps}
 
     def _checked_action(self, action: Dict[str, np.ndarray]) -> Any:
         from gymnasium import spaces

@@ -120,6 +120,8 @@ class KitchenBackend(SimulatorBackend):
             "task_name": task_name, "suite": "kitchen", "subtasks": self.subtasks,
             "language": instruction(self.subtasks), "description": instruction(self.subtasks),
             "max_episode_steps": self.settings["max_episode_steps"], "terminates_on_success": True,
+            "has_success": True, "control_hz": round(1.0 / self.env.unwrapped.robot_env.dt, 6), "conventions": [],
+            "images_rotated_180": False,
             "simulator_stack": stack_versions("gymnasium-robotics", "gymnasium", "mujoco"),
             "action_spec": {"action": action}, "action_space": action,
             "observation_spec": observation_spec_of(observation),

@@ -152,6 +152,8 @@ class ManiSkillBackend(SimulatorBackend):
             "task_name": task_name, "suite": "maniskill", "language": instruction(env_id),
             "description": description(env_id), "max_episode_steps": self.settings["max_episode_steps"],
             "control_mode": self.settings["control_mode"], "cameras": self.settings["cameras"],
+            "has_success": True, "control_hz": float(self.env.unwrapped.control_freq), "conventions": [],
+            "images_rotated_180": False,
             "simulator_stack": stack_versions("mani-skill", "sapien", "torch"),
             "action_spec": {"action": action}, "action_space": action,
             "observation_spec": observation_spec_of(observation),

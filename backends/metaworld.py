@@ -216,7 +216,8 @@ class MetaWorldBackend(SimulatorBackend):
             "language": INSTRUCTIONS[settings["env_name"]], "description": INSTRUCTIONS[settings["env_name"]],
             "convention": settings["convention"], "max_episode_steps": settings["max_episode_steps"],
             "cameras": settings["cameras"], "image_size": [settings["camera_height"], settings["camera_width"]],
-            "images_rotated_180": False, "terminates_on_success": True,
+            "images_rotated_180": False, "terminates_on_success": True, "has_success": True,
+            "control_hz": round(1.0 / self.env.dt, 6), "conventions": list(CONVENTIONS),
             "state_vector": "hand xyz + gripper (agent_pos)" if settings["convention"] == "lerobot" else
                             "Meta-World's 39-D observation",
             "simulator_stack": stack_versions("metaworld", "mujoco", "gymnasium"),

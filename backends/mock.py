@@ -39,6 +39,7 @@ from backends.base import (
 
 VERSION = "1.0"
 ACTION_DIM = 7
+CONTROL_HZ = 20  # as LIBERO's: one action is 50 ms of the mock's (imaginary) time
 GOALS = {
     "reach_center": (0.0, 0.0, 0.0),
     "reach_corner": (0.8, 0.8, 0.8),
@@ -109,6 +110,7 @@ class MockBackend(SimulatorBackend):
                 "state": array_spec((4,), np.float32),
             },
             "action_space": array_spec((ACTION_DIM,), np.float64, -1.0, 1.0),
+            "has_success": True, "control_hz": CONTROL_HZ, "conventions": [], "images_rotated_180": False,
         }
 
     @staticmethod

@@ -169,7 +169,8 @@ class RobosuiteBackend(SimulatorBackend):
             "max_episode_steps": settings["horizon"], "robots": settings["robots"],
             "controller": settings["controller"], "cameras": settings["cameras"],
             "image_size": [settings["camera_height"], settings["camera_width"]],
-            "control_freq": int(self.env.control_freq),
+            "control_freq": int(self.env.control_freq), "control_hz": float(self.env.control_freq),
+            "has_success": True, "conventions": [], "images_rotated_180": True,  # as LIBERO's: robosuite's renderer
             "action_spec": {"action": action}, "action_space": action,
             "observation_spec": observation_spec_of(observation),
         }

@@ -77,6 +77,7 @@ class SessionSimulator:
             self.provenance = {key: static[key] for key in PROVENANCE_KEYS if key in static}
         for key, value in self.provenance.items():
             task_info.setdefault(key, value)
+        task_info["max_chunk"] = MAX_CHUNK
         self.task_loaded = True
         self.action_ndims = {name: len(spec["shape"]) for name, spec in task_info["action_spec"].items()}
         self.observation_keys = sorted(task_info["observation_spec"])
@@ -117,7 +118,7 @@ class SessionSimulator:
     def chunk_reply(replies: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {**replies[-1], "reward": float(sum(r["reward"] for r in replies)), "steps_run": len(replies),
                 "rewards": [r["reward"] for r in replies],
-                "successes": [bool(r["info"].get("success", r["terminated"])) for r in replies]}
+                "successes": [bool(r["info"].get("success", False)) for r in replies]}
 
     def chunk_length(self, action: Dict[str, np.ndarray]) -> Optional[int]:
         """K when every action array has one axis more than its spec (a [K, ...] chunk), else None."""

@@ -72,6 +72,13 @@ class Catalog:
             return self.suites[suite]
         raise TaskNotFound(self._no_suite(suite))
 
+    def suite_sizes(self) -> Dict[str, int]:
+        """Each suite that loads here -> its task count (the custom folder's as it is now)."""
+        sizes = {suite: len(tasks) for suite, tasks in self.suites.items()}
+        if self.task_folder is not None:
+            sizes[CUSTOM_SUITE] = len(self.task_folder.task_names())
+        return sizes
+
     def check_task(self, task_name: str) -> None:
         """TaskNotFound unless load_task can find `task_name`: checked before any simulator starts."""
         self._check_usable()
@@ -104,7 +111,7 @@ class Catalog:
         if suite == CUSTOM_SUITE:
             return f"{self.simulator} serves no custom tasks here: start sim_server.py with --task-dir DIR"
         if not self.suites:
-            return f"the {self.simulator} simulator has no task suites; call list_tasks without 'suite'"
+            return f"the {self.simulator} simulator has no task suites: name its tasks instead"
         close = difflib.get_close_matches(suite, list(self.suites), n=5)
         return f"no {self.simulator} suite {suite!r}; close matches: {close or list(self.suites)[:5]}"
 
