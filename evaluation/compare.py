@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from evaluation import SetupError
-from evaluation.records import EpisodeRecord
-from evaluation.report import wilson_interval
+from evaluation.records import EpisodeRecord, records_of
+from evaluation.stats import finite_or_none, mean_interval, wilson_interval
 
 # The task settings that decide a score; two runs that differ in one are not comparable (--force).
 SCORE_SETTINGS = ("convention", "max_episode_steps", "settle_steps", "flip_images", "state_vector", "image_size",
@@ -54,6 +54,26 @@ class PairedComparison:
         return {**asdict(self), "rate_a": self.rate_a, "rate_b": self.rate_b, "difference": self.rate_b - self.rate_a,
                 "difference_95": [low, high], "mcnemar_exact_p": self.p_value(),
                 "discordant": self.only_a + self.only_b}
+
+
+@dataclass
+class PairedReturns:
+    """One group of paired episodes of tasks without a success criterion: both mean returns, and B's
+    minus A's with its 95% paired Student's t interval."""
+
+    name: str
+    pairs: int
+    mean_a: float
+    mean_b: float
+    difference: float
+    low: float
+    high: float
+
+    def as_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "pairs": self.pairs, "measure": "return", "mean_return_a": self.mean_a,
+                "mean_return_b": self.mean_b, "difference": self.difference,
+                "difference_95": [finite_or_none(self.low), finite_or_none(self.high)]}
+
 
 
 def paired_difference_interval(n11: int, n12: int, n21: int, n22: int) -> Tuple[float, float, float]:
@@ -95,9 +115,11 @@ def load_run(path: str) -> Dict[str, Any]:
     try:
         with open(path) as results_file:
             content = json.load(results_file)
-        episodes = [EpisodeRecord.from_json(data) for data in content["episodes"]]
+        episodes = records_of(content)
     except OSError as error:
         raise SetupError(f"cannot read {path}: {error.strerror}") from None
+    except SetupError as error:
+        raise SetupError(f"{path}: {error}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise SetupError(f"{path} is not a sim_eval.py results file ({type(error).__name__}: {error})") from None
     return {"path": path, "episodes": episodes, "task_settings": content.get("task_settings", {}),
@@ -119,25 +141,37 @@ def setting_differences(run_a: Dict[str, Any], run_b: Dict[str, Any], tasks: Lis
     return lines
 
 
-def scored(episodes: List[EpisodeRecord]) -> Dict[EpisodeKey, bool]:
-    """Success by episode key; episodes a server loss cut short are no score and left out."""
-    return {(r.task, r.init_state_index, r.seed): r.success for r in episodes if r.failure != "server_lost"}
+def scored(episodes: List[EpisodeRecord]) -> Dict[EpisodeKey, EpisodeRecord]:
+    """Records by episode key; episodes a server loss cut short are no score and left out."""
+    return {(r.task, r.init_state_index, r.seed): r for r in episodes if r.failure != "server_lost"}
 
 
-def group(name: str, keys: List[EpisodeKey], success_a: Dict[EpisodeKey, bool],
-          success_b: Dict[EpisodeKey, bool]) -> PairedComparison:
-    outcomes = [(success_a[key], success_b[key]) for key in keys]
+def group(name: str, keys: List[EpisodeKey], episodes_a: Dict[EpisodeKey, EpisodeRecord],
+          episodes_b: Dict[EpisodeKey, EpisodeRecord]) -> PairedComparison:
+    outcomes = [(episodes_a[key].success is True, episodes_b[key].success is True) for key in keys]
     return PairedComparison(name=name, pairs=len(outcomes), both=outcomes.count((True, True)),
                             only_a=outcomes.count((True, False)), only_b=outcomes.count((False, True)),
                             neither=outcomes.count((False, False)))
 
 
+def return_group(name: str, keys: List[EpisodeKey], episodes_a: Dict[EpisodeKey, EpisodeRecord],
+                 episodes_b: Dict[EpisodeKey, EpisodeRecord]) -> PairedReturns:
+    """Tasks without a success criterion: both mean returns and B - A with a paired t interval."""
+    returns_a = [episodes_a[key].sum_reward for key in keys]
+    returns_b = [episodes_b[key].sum_reward for key in keys]
+    difference, low, high = mean_interval([b - a for a, b in zip(returns_a, returns_b)])
+    return PairedReturns(name=name, pairs=len(keys), mean_a=sum(returns_a) / len(keys),
+                         mean_b=sum(returns_b) / len(keys), difference=difference, low=low, high=high)
+
+
 def compare_runs(path_a: str, path_b: str, force: bool = False) -> Dict[str, Any]:
-    """Pair the two runs' episodes and compare them per task and overall. SetupError when no episode
-    pairs, or when a score-deciding setting differs and `force` is not given."""
+    """Pair the two runs' episodes and compare them per task and overall: success tasks by their
+    paired success rates, tasks without a success criterion by their paired returns ("overall" and,
+    for a run with both kinds, "overall_return"). SetupError when no episode pairs, or when a
+    score-deciding setting differs and `force` is not given."""
     run_a, run_b = load_run(path_a), load_run(path_b)
-    success_a, success_b = scored(run_a["episodes"]), scored(run_b["episodes"])
-    keys = sorted(set(success_a) & set(success_b), key=lambda key: (key[0], key[1], key[2] is None, key[2] or 0))
+    episodes_a, episodes_b = scored(run_a["episodes"]), scored(run_b["episodes"])
+    keys = sorted(set(episodes_a) & set(episodes_b), key=lambda key: (key[0], key[1], key[2] is None, key[2] or 0))
     if not keys:
         raise SetupError(f"{path_a} and {path_b} have no episode in common (pairs are task, init state and seed)")
     tasks = sorted({key[0] for key in keys})
@@ -145,18 +179,32 @@ def compare_runs(path_a: str, path_b: str, force: bool = False) -> Dict[str, Any
     if differences and not force:
         raise SetupError("the runs differ in settings that decide a score (--force compares them anyway): "
                          + "; ".join(differences))
-    return {
-        "a": {"path": path_a, "policy": run_a["policy"], "unpaired": len(set(success_a) - set(keys))},
-        "b": {"path": path_b, "policy": run_b["policy"], "unpaired": len(set(success_b) - set(keys))},
-        "setting_differences": differences,
-        "tasks": [group(task, [key for key in keys if key[0] == task], success_a, success_b) for task in tasks],
-        "overall": group("overall", keys, success_a, success_b),
+    by_return = {key[0] for key in keys if episodes_a[key].success is None or episodes_b[key].success is None}
+    rows: List[Any] = []
+    for task in tasks:
+        task_keys = [key for key in keys if key[0] == task]
+        rows.append((return_group if task in by_return else group)(task, task_keys, episodes_a, episodes_b))
+    success_keys = [key for key in keys if key[0] not in by_return]
+    return_keys = [key for key in keys if key[0] in by_return]
+    comparison = {
+        "a": {"path": path_a, "policy": run_a["policy"], "unpaired": len(set(episodes_a) - set(keys))},
+        "b": {"path": path_b, "policy": run_b["policy"], "unpaired": len(set(episodes_b) - set(keys))},
+        "setting_differences": differences, "tasks": rows,
+        "overall": group("overall", success_keys, episodes_a, episodes_b) if success_keys else
+        return_group("overall", return_keys, episodes_a, episodes_b),
     }
+    if success_keys and return_keys:
+        comparison["overall_return"] = return_group("overall (return)", return_keys, episodes_a, episodes_b)
+    return comparison
 
 
 def comparison_json(comparison: Dict[str, Any]) -> Dict[str, Any]:
     return {**comparison, "tasks": [row.as_json() for row in comparison["tasks"]],
-            "overall": comparison["overall"].as_json()}
+            **{key: comparison[key].as_json() for key in ("overall", "overall_return") if key in comparison}}
+
+
+def overall_rows(comparison: Dict[str, Any]) -> List[Any]:
+    return [comparison[key] for key in ("overall", "overall_return") if key in comparison]
 
 
 COLUMNS = ("task", "pairs", "A", "B", "B - A [95%]", "A only", "B only", "McNemar p")
@@ -165,7 +213,11 @@ COLUMNS = ("task", "pairs", "A", "B", "B - A [95%]", "A only", "B only", "McNema
 def comparison_rows(comparison: Dict[str, Any]) -> List[Tuple[str, ...]]:
     """The cells under COLUMNS, per task and then overall, as text."""
     rows = []
-    for row in comparison["tasks"] + [comparison["overall"]]:
+    for row in comparison["tasks"] + overall_rows(comparison):
+        if isinstance(row, PairedReturns):
+            rows.append((row.name, str(row.pairs), f"return {row.mean_a:.4g}", f"return {row.mean_b:.4g}",
+                         f"{row.difference:+.4g} [{row.low:+.4g}, {row.high:+.4g}]", "—", "—", "—"))
+            continue
         low, high = row.interval()
         rows.append((row.name, str(row.pairs), f"{row.rate_a:.1%}", f"{row.rate_b:.1%}",
                      f"{row.rate_b - row.rate_a:+.1%} [{low:+.1%}, {high:+.1%}]", str(row.only_a), str(row.only_b),

@@ -6,78 +6,125 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
 from evaluation.records import EpisodeRecord, task_group
-
-# (name, episodes, success rate, 95% low, 95% high, mean steps, mean seconds)
-Row = Tuple[str, int, float, float, float, float, float]
-
-Z_95 = 1.959963984540054
+from evaluation.stats import finite_or_none, mean_interval, wilson_interval
 
 
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> Tuple[float, float]:
-    """The Wilson score interval of a success rate (95% by default): honest at 0% and 100% too."""
-    if n == 0:
-        return 0.0, 1.0
-    rate = successes / n
-    denominator = 1 + z * z / n
-    centre = (rate + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, round(centre - half, 12)), min(1.0, round(centre + half, 12))
+@dataclass
+class Row:
+    """One line of a run's summary: a group of episodes and its score with a 95% interval. A task with
+    a success criterion is scored by its success rate (Wilson interval); one without (has_success
+    false) by its mean return (Student's t interval), never by a made-up rate."""
+
+    name: str
+    episodes: int
+    measure: str  # "success" (a rate in [0, 1]) or "return" (the mean summed reward)
+    value: float
+    low: float
+    high: float
+    mean_steps: float
+    mean_seconds: float
+
+    @property
+    def is_rate(self) -> bool:
+        return self.measure == "success"
+
+    def as_json(self) -> Dict[str, Any]:
+        common = {"episodes": self.episodes, "measure": self.measure, "mean_steps": self.mean_steps,
+                  "mean_seconds": self.mean_seconds}
+        if self.is_rate:
+            return {**common, "successes": round(self.value * self.episodes), "success_rate": self.value,
+                    "ci95": [self.low, self.high]}
+        return {**common, "mean_return": self.value, "ci95": [finite_or_none(self.low), finite_or_none(self.high)]}
+
+    def score_text(self) -> str:
+        """"85.0% of 20 [62, 95]" or "return 21.4 of 20 [18.2, 24.6]"."""
+        if self.is_rate:
+            return f"{100 * self.value:.1f}% of {self.episodes} [{100 * self.low:.0f}, {100 * self.high:.0f}]"
+        return f"return {self.value:.4g} of {self.episodes} [{self.low:.4g}, {self.high:.4g}]"
+
+
+
+def scored_by_return(records: List[EpisodeRecord]) -> set:
+    """The tasks without a success criterion: their records say success null."""
+    return {record.task for record in records if record.success is None}
+
+
+def _row(name: str, group: List[EpisodeRecord], by_return: bool) -> Row:
+    steps = float(np.mean([r.steps for r in group]))
+    seconds = float(np.mean([r.seconds for r in group]))
+    if by_return:
+        mean, low, high = mean_interval([r.sum_reward for r in group])
+        return Row(name, len(group), "return", mean, low, high, steps, seconds)
+    successes = sum(r.success is True for r in group)
+    low, high = wilson_interval(successes, len(group))
+    return Row(name, len(group), "success", successes / len(group), low, high, steps, seconds)
 
 
 def summarize(records: List[EpisodeRecord], group_of: Callable[[str], str] = lambda task: task) -> List[Row]:
-    """(name, episodes, success rate, 95% low, 95% high, mean steps, mean seconds) per group of
-    tasks (per task by default), then "overall"."""
+    """A Row per group of tasks (per task by default), then "overall": success rates for tasks with a
+    success criterion, mean returns for those without ("overall (success)" and "overall (return)"
+    when a run has both). Episodes a lost server cut short have no return and are left out of those."""
+    by_return = scored_by_return(records)
+    kept = [r for r in records if r.task not in by_return or r.failure != "server_lost"]
+    parts = [(flag, [r for r in kept if (r.task in by_return) == flag]) for flag in (False, True)]
+    parts = [(flag, part) for flag, part in parts if part]
     rows = []
-    by_group: Dict[str, List[EpisodeRecord]] = {}
-    for record in records:
-        by_group.setdefault(group_of(record.task), []).append(record)
-    for name, group in sorted(by_group.items()) + [("overall", records)]:
-        if group:
-            successes = sum(bool(r.success) for r in group)
-            low, high = wilson_interval(successes, len(group))
-            rows.append((name, len(group), successes / len(group), low, high,
-                         float(np.mean([r.steps for r in group])), float(np.mean([r.seconds for r in group]))))
+    for flag, part in parts:
+        groups: Dict[str, List[EpisodeRecord]] = {}
+        for record in part:
+            groups.setdefault(group_of(record.task), []).append(record)
+        rows += [_row(name, group, flag) for name, group in sorted(groups.items())]
+    for flag, part in parts:
+        name = "overall" if len(parts) == 1 else f"overall ({'return' if flag else 'success'})"
+        rows.append(_row(name, part, flag))
     return rows
 
 
 def summary_json(records: List[EpisodeRecord]) -> Dict[str, Any]:
-    """Per task and overall: episodes, successes, rate and its 95% Wilson interval."""
-    return {row[0]: {"episodes": row[1], "successes": round(row[2] * row[1]), "success_rate": row[2],
-                     "ci95": [row[3], row[4]], "mean_steps": row[5], "mean_seconds": row[6]}
-            for row in summarize(records)}
+    """Per task and overall: episodes and the score with its 95% interval (see Row)."""
+    return {row.name: row.as_json() for row in summarize(records)}
 
 
 def print_table(rows: List[Row]) -> None:
     """summarize()'s rows as a text table on stdout."""
-    width = max([len(row[0]) for row in rows] + [4])
-    print(f"{'task':{width}s}  episodes  success  95% interval  mean steps  mean s")
-    for name, count, rate, low, high, steps, seconds in rows:
-        print(f"{name:{width}s}  {count:8d}  {rate:7.2f}  [{low:4.2f}, {high:4.2f}]  {steps:10.1f}  {seconds:6.2f}")
+    width = max([len(row.name) for row in rows] + [4])
+    print(f"{'task':{width}s}  episodes  {'score':>15s}  {'95% interval':18s}  mean steps  mean s")
+    for row in rows:
+        if row.is_rate:
+            score, interval = f"success {row.value:.2f}", f"[{row.low:.2f}, {row.high:.2f}]"
+        else:
+            score, interval = f"return {row.value:.4g}", f"[{row.low:.4g}, {row.high:.4g}]"
+        print(f"{row.name:{width}s}  {row.episodes:8d}  {score:>15s}  {interval:18s}  {row.mean_steps:10.1f}  "
+              f"{row.mean_seconds:6.2f}")
 
 
 def save_chart(rows: List[Row], path: str) -> None:
-    """summarize()'s success rates with their 95% intervals as a PNG bar chart (needs matplotlib)."""
-    try:
-        import matplotlib
+    """summarize()'s success rates with their 95% intervals as a PNG bar chart (matplotlib, which the
+    runner checks before it starts); tasks scored by return are left out of it."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("hint: pip install matplotlib to draw the success chart", file=sys.stderr)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row.is_rate]
+    if not rows:
+        print("sim_eval: no task of this run has a success criterion: no success chart drawn", file=sys.stderr)
         return
-    names = [f"{row[0].split('/')[-1][:40]} (n={row[1]})" for row in rows]
-    rates = np.array([row[2] for row in rows])
-    errors = np.clip(np.array([[row[2] - row[3] for row in rows], [row[4] - row[2] for row in rows]]), 0, None)
+    names = [f"{row.name.split('/')[-1][:40]} (n={row.episodes})" for row in rows]
+    rates = np.array([row.value for row in rows])
+    errors = np.clip(np.array([[row.value - row.low for row in rows], [row.high - row.value for row in rows]]), 0,
+                     None)
     figure, axes = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    axes.barh(names, rates, xerr=errors, capsize=3, color=["#4c72b0"] * (len(rows) - 1) + ["#dd8452"])
+    colors = ["#dd8452" if row.name.startswith("overall") else "#4c72b0" for row in rows]
+    axes.barh(names, rates, xerr=errors, capsize=3, color=colors)
     axes.set_xlim(0, 1)
     axes.invert_yaxis()
     axes.set_xlabel("success rate (bars: 95% Wilson interval)")
@@ -100,6 +147,7 @@ table { border-collapse: collapse; } td, th { padding: 4px 10px; border-bottom: 
   background: #1d2330; }
 .interval::before { left: 0; } .interval::after { right: 0; }
 .success { color: #1a7f37; font-weight: 600; } .failure { color: #b42318; font-weight: 600; }
+.return { color: #5a6272; }
 img.frame, video { width: 128px; image-rendering: pixelated; margin-right: 4px; }
 """
 
@@ -109,13 +157,18 @@ def _cell(value: Any) -> str:
 
 
 def _bars(rows: List[Row]) -> str:
+    """Success rates as bars with their intervals; a task scored by return is a line of text."""
     lines = ['<div class="chart">']
-    for name, count, rate, low, high, _, _ in rows:
-        kind = "bar overall" if name == "overall" else "bar"
-        lines.append(f'<div class="label">{html.escape(name)}</div><div class="track">'
-                     f'<div class="{kind}" style="width:{100 * rate:.2f}%"></div>'
-                     f'<div class="interval" style="left:{100 * low:.2f}%;width:{100 * (high - low):.2f}%"></div>'
-                     f'</div><div>{100 * rate:.1f}% of {count} [{100 * low:.0f}, {100 * high:.0f}]</div>')
+    for row in rows:
+        lines.append(f'<div class="label">{html.escape(row.name)}</div>')
+        if row.is_rate:
+            kind = "bar overall" if row.name.startswith("overall") else "bar"
+            lines.append(f'<div class="track"><div class="{kind}" style="width:{100 * row.value:.2f}%"></div>'
+                         f'<div class="interval" style="left:{100 * row.low:.2f}%;'
+                         f'width:{100 * (row.high - row.low):.2f}%"></div></div>')
+        else:
+            lines.append('<div class="return">mean return (no success criterion)</div>')
+        lines.append(f"<div>{html.escape(row.score_text())}</div>")
     lines.append("</div>")
     return "\n".join(lines)
 
@@ -153,6 +206,27 @@ def _comparison(comparison) -> str:
             f'<table class="episodes comparison"><tr>{head}</tr>{rows}</table>')
 
 
+def episode_outcome(record: EpisodeRecord) -> str:
+    """"success", the failure, or for a task without a success criterion its return and how it ended."""
+    if record.success is None:
+        return f"return {record.sum_reward:.4g} ({record.failure or 'ended'})"
+    return "success" if record.success else (record.failure or "failure")
+
+
+def outcome_class(record: EpisodeRecord) -> str:
+    return "return" if record.success is None else ("success" if record.success else "failure")
+
+
+def _invocations(invocations: List[Dict[str, Any]]) -> str:
+    """Every invocation that wrote the results file: started, finished, command."""
+    rows = "".join(f"<tr><td>{html.escape(str(item.get('started_at')))}</td>"
+                   f"<td>{html.escape(str(item.get('finished_at')))}</td>"
+                   f"<td><code>{html.escape(' '.join(map(str, item.get('command') or [])))}</code></td></tr>"
+                   for item in invocations)
+    return f"<h2>Invocations ({len(invocations)})</h2>\n<table class=\"meta invocations\"><tr><th>started</th>" \
+           f"<th>finished</th><th>command</th></tr>{rows}</table>"
+
+
 def write_report(path: str, evaluation, comparison=None) -> None:
     """One self-contained HTML page of a finished Evaluation: provenance, success bars with 95% intervals,
     every episode; with `comparison` (compare_runs' result, or the reason it was refused) the paired
@@ -168,11 +242,11 @@ def write_report(path: str, evaluation, comparison=None) -> None:
     suites = summarize(results, task_group)
     episodes = []
     for record in results:
-        outcome = "success" if record.success else (record.failure or "failure")
+        outcome = episode_outcome(record)
         episodes.append(
             f'<tr class="episode"><td>{html.escape(record.task)}</td><td>{record.init_state_index}</td>'
             f'<td>{_cell(record.seed)}</td>'
-            f'<td class="{"success" if record.success else "failure"}">{html.escape(outcome)}</td>'
+            f'<td class="{outcome_class(record)}">{html.escape(outcome)}</td>'
             f'<td>{record.steps}</td><td>{record.seconds:.1f}</td><td>{_media(record, evaluation.thumbnails)}'
             f'</td></tr>')
     page = f"""<!DOCTYPE html>
@@ -180,9 +254,9 @@ def write_report(path: str, evaluation, comparison=None) -> None:
 <body>
 <h1>Evaluation report: {html.escape(run["policy"])}</h1>
 <table class="meta">{meta}</table>
-<h2>Success by suite</h2>
+<h2>Score by suite</h2>
 {_bars(suites)}
-<h2>Success by task</h2>
+<h2>Score by task</h2>
 {_bars(summarize(results))}
 {_comparison(comparison)}
 <h2>Episodes ({len(results)})</h2>
@@ -190,6 +264,7 @@ def write_report(path: str, evaluation, comparison=None) -> None:
 <th>seconds</th><th>video or first and last frame</th></tr>
 {"".join(episodes)}
 </table>
+{_invocations(evaluation.invocations())}
 <h2>Servers</h2>
 <table class="meta">{servers}</table>
 <h2>Task settings that decide the score</h2>
