@@ -378,6 +378,10 @@ class SimulatorClient:
         """The server's task names; with `suite` (LIBERO), that suite's as "suite/task"."""
         return self.call("list_tasks", **({"suite": suite} if suite else {}))["tasks"]
 
+    def list_suites(self) -> Dict[str, int]:
+        """The server's task suites, name -> task count ({} for a simulator without suites)."""
+        return self.call("list_tasks").get("suites", {})
+
     def load_task(self, task_name: str, **options: Any) -> Dict[str, Any]:
         """Load a task; `options` are the backend's load options (e.g. LIBERO's camera size)."""
         self.task_info = self.call("load_task", timeout_s=self.load_timeout_s, task_name=task_name,
@@ -490,7 +494,11 @@ def upright(image: np.ndarray, task_info: Dict[str, Any]) -> np.ndarray:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line and exit status 2."""
+    """argparse whose mistakes are one line and exit status 2, and whose --help shows every default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: {message} (see --help)\n")

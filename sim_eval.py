@@ -21,6 +21,7 @@ Copy both next to sim_client.py; websockets and Pillow only for openpi://, Ray o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -32,7 +33,8 @@ from typing import Any, Callable, Dict, List, Optional
 from evaluation import SetupError
 from evaluation.compare import compare_runs, comparison_json, load_run, print_comparison
 from evaluation.openpi import DEFAULT_REPLAN_STEPS
-from evaluation.policies import DEFAULT_BATCH_WAIT_MS, DEFAULT_POLICY_TIMEOUT_S, load_policy
+from evaluation.policies import DEFAULT_BATCH_WAIT_MS, DEFAULT_POLICY_TIMEOUT_S, Policy, load_policy
+from evaluation.preflight import PolicyInputs, check_policy
 from evaluation.records import lerobot_eval_info
 from evaluation.replay import (
     ForkResults,
@@ -52,22 +54,34 @@ from evaluation.runner import (
     resolve_tasks,
 )
 from evaluation.videos import VideoWriter
-from sim_client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, OneLineParser, SimulatorClientError
+from sim_client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, OneLineParser, SimulatorClient, SimulatorClientError
 
 LOCAL_RAY = "local"  # --ray without an address
 
 
-def parser() -> argparse.ArgumentParser:
-    """The flags of sim_eval.py."""
-    parser = OneLineParser(prog="sim_eval.py", description="Evaluate a policy on simulator servers.",
-                           epilog="sim_eval.py compare A.json B.json compares two runs pair by pair; "
+def parser(prog: str = "sim_eval.py") -> argparse.ArgumentParser:
+    """The flags of sim_eval.py (and of `sim_eval.py check`, which takes the same)."""
+    parser = OneLineParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           description="Evaluate a policy on simulator servers. Say what to evaluate (--suite or "
+                                       "--tasks) and with which policy (--policy): nothing is guessed. The policy is "
+                                       "checked on the first task before the first episode.",
+                           epilog="sim_eval.py check takes the same flags and does only the policy check; "
+                                  "sim_eval.py compare A.json B.json compares two runs pair by pair; "
                                   "sim_eval.py verify RESULTS.json replays a run from its recorded actions; "
-                                  "sim_eval.py replay RESULTS.json replays, films or forks episodes (each has --help).")
+                                  "sim_eval.py replay RESULTS.json replays, films or forks episodes (each has --help). "
+                                  "A run without --suite or --tasks lists the server's suites with their sizes.")
     add_server_flags(parser, "simulator to select on a server that serves several (see list_simulators)")
-    parser.add_argument("--policy", default="zero",
-                        help="zero, random, module:function(observation, task_info), or openpi://HOST:PORT")
+    parser.add_argument("--policy", default=None,
+                        help="required: zero, random, module:function(observation, task_info), or openpi://HOST:PORT")
     parser.add_argument("--suite", default=None, help="evaluate this suite's tasks (LIBERO: libero_spatial, ...)")
-    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: the suite's, or all listed)")
+    parser.add_argument("--tasks", nargs="*", default=None,
+                        help="task names as list_tasks gives them (e.g. metaworld/reach-v3)")
+    parser.add_argument("--convention", default=None,
+                        help="the simulator's observation convention the policy gets (LIBERO: standard, openpi, "
+                             "lerobot, raw); default: the policy module's CONVENTION, openpi:// gets openpi's, "
+                             "else the simulator's own")
+    parser.add_argument("--clip-actions", action="store_true",
+                        help="clip every action into the action spec's bounds, as openpi and LeRobot do")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task (init states 0..N-1)")
     parser.add_argument("--parallel", type=int, default=1, help="episodes at once, one session each")
     parser.add_argument("--results", default="eval_results.json", help="JSON results; rerunning resumes it")
@@ -83,8 +97,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-actions", action="store_true",
                         help="do not keep each episode's actions beside the results (RESULTS.actions/): "
                              "the run then cannot be replayed or verified")
-    parser.add_argument("--load-option", action="append", default=[], metavar="KEY=JSON",
-                        help="load_task option, e.g. camera_width=224 or flip_images=true")
+    parser.add_argument("--load-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="load_task option, e.g. camera_width=224 or flip_images=true (JSON, else a string)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="call the policy with lists of up to this many sessions' observations")
     parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
@@ -253,19 +267,38 @@ SUBCOMMANDS = {"compare": compare, "replay": replay, "verify": verify}
 
 
 def parse_load_options(options: List[str]) -> Dict[str, Any]:
+    """KEY=VALUE pairs: VALUE as JSON (224, true, ["agentview"]) where it is JSON, else as a string."""
     parsed = {}
     for option in options:
         key, equals, value = option.partition("=")
+        if not equals or not key:
+            raise SetupError(f"--load-option {option!r}: write KEY=VALUE")
         try:
-            parsed[key] = json.loads(value) if equals else None
+            parsed[key] = json.loads(value)
         except ValueError:
-            raise SetupError(f"--load-option {option!r}: the value must be JSON, e.g. camera_width=224") from None
-        if not equals:
-            raise SetupError(f"--load-option {option!r}: write KEY=JSON")
+            parsed[key] = value
     return parsed
 
 
-def run_with_ray(args: argparse.Namespace) -> int:
+def chosen_convention(args: argparse.Namespace, load_options: Dict[str, Any], policy: Policy) -> Optional[str]:
+    """--convention, else --load-option convention=..., else the policy's own; SetupError when the two
+    flags disagree."""
+    from_option = load_options.get("convention")
+    if args.convention and from_option is not None and from_option != args.convention:
+        raise SetupError(f"--convention {args.convention} and --load-option convention={from_option} disagree")
+    return args.convention or from_option or policy.convention
+
+
+def check_outputs_can_be_made(args: argparse.Namespace) -> None:
+    """Videos and a chart need packages the core does not: say so before the first episode."""
+    needs = {"--videos": ("imageio", "imageio imageio-ffmpeg"), "--chart": ("matplotlib", "matplotlib")}
+    for flag, (module, packages) in needs.items():
+        if getattr(args, flag[2:]) and importlib.util.find_spec(module) is None:
+            raise SetupError(f"{flag} needs {module}: pip install {packages} (or pip install "
+                             "'simulator-inference-center[eval]')")
+
+
+def run_with_ray(args: argparse.Namespace, check_only: bool = False) -> int:
     """--ray: start the servers as Ray actors, run (or only serve) on them, then stop them all."""
     if args.servers < 1 or args.server_cpus <= 0 or args.server_gpus < 0 or args.server_restarts < 0:
         raise SetupError("--servers must be at least 1, --server-cpus above 0, --server-gpus and "
@@ -286,7 +319,7 @@ def run_with_ray(args: argparse.Namespace) -> int:
         write_addresses(args.addresses_file, fleet.addresses)
         if args.serve_only:
             return serve_until_interrupted(fleet, args.addresses_file)
-        return run(args, address_source=lambda: fleet.addresses)
+        return run(args, address_source=lambda: fleet.addresses, check_only=check_only)
     except ray_fleet.FleetError as error:
         raise SetupError(str(error)) from None
     finally:
@@ -319,11 +352,15 @@ def serve_until_interrupted(fleet, addresses_file: Optional[str]) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str]]] = None) -> int:
-    """Check the set-up, run, print the table, save what was asked; 0 when every episode ran.
-    `address_source` (--ray) gives the servers' addresses as they change; else --address does."""
+def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str]]] = None,
+        check_only: bool = False) -> int:
+    """Check the set-up and the policy, run, print the table, save what was asked; 0 when every episode
+    ran. `address_source` (--ray) gives the servers' addresses as they change; else --address does.
+    With `check_only` (sim_eval.py check) it stops after the policy check."""
     client_options = {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
     addresses = address_source() if address_source is not None else args.address or [DEFAULT_ADDRESS]
+    if args.policy is None:
+        raise SetupError("say which policy to evaluate: --policy zero, random, module:function or openpi://HOST:PORT")
     load_options = parse_load_options(args.load_option)
     if args.batch_size < 1 or args.parallel < 1 or args.episodes < 1 or args.policy_timeout <= 0:
         raise SetupError("--batch-size, --parallel and --episodes must be at least 1, --policy-timeout above 0")
@@ -331,20 +368,50 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
         raise SetupError("--compare-with adds a section to the report: give --report too")
     if args.compare_with:
         load_run(args.compare_with)
+    check_outputs_can_be_made(args)
     policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.policy_timeout, args.replan_steps)
-    check_servers(addresses, client_options, min(PREFLIGHT_TIMEOUT_S, args.timeout))
-    tasks = resolve_tasks(addresses[0], args.tasks, args.suite, client_options)
+    try:
+        policy.convention = chosen_convention(args, load_options, policy)
+        policy.clip_actions = args.clip_actions
+        load_options = {**load_options, **policy.load_options}
+        check_servers(addresses, client_options, min(PREFLIGHT_TIMEOUT_S, args.timeout))
+        tasks = resolve_tasks(addresses[0], args.tasks, args.suite, client_options)
+        inputs = checked_policy(addresses[0], tasks[0], policy, load_options, client_options, args)
+        if check_only:
+            print(f"the policy fits {tasks[0]}: one reset, one policy call and one step passed")
+            return 0
+        return evaluate(args, policy, tasks, load_options, inputs, address_source)
+    finally:
+        policy.close()
+
+
+def checked_policy(address: str, task: str, policy: Policy, load_options: Dict[str, Any],
+                   client_options: Dict[str, Optional[str]], args: argparse.Namespace) -> PolicyInputs:
+    """The policy check on the first task (preflight.py), its line printed, its warnings said."""
+    with SimulatorClient(address, timeout_s=args.timeout, **client_options) as sim:
+        info = sim.get_info()
+        inputs = check_policy(sim, info.get("simulator") or info["backend_name"], task, policy, load_options,
+                              args.clip_actions)
+    print(inputs.line(), flush=True)
+    for warning in inputs.warnings:
+        print(f"sim_eval: warning: {warning}", file=sys.stderr)
+    return inputs
+
+
+def evaluate(args: argparse.Namespace, policy: Policy, tasks: List[str], load_options: Dict[str, Any],
+             inputs: PolicyInputs, address_source: Optional[Callable[[], List[str]]]) -> int:
+    """The run itself, once the policy check passed."""
+    client_options = {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
+    addresses = address_source() if address_source is not None else args.address or [DEFAULT_ADDRESS]
     videos = VideoWriter(args.videos, args.video_camera, args.videos_failed_only) if args.videos else None
     settings = EvaluationSettings(
         addresses=addresses, tasks=tasks, episodes=args.episodes, parallel=args.parallel, results_path=args.results,
         load_options=load_options, timeout_s=args.timeout, videos=videos, keep_thumbnails=bool(args.report),
-        force=args.force, client_options=client_options, record_actions=not args.no_actions)
+        force=args.force, client_options=client_options, record_actions=not args.no_actions,
+        policy_inputs=inputs.as_json())
     started = time.monotonic()
     evaluation = Evaluation(settings, policy, address_source)
-    try:
-        results = evaluation.run()
-    finally:
-        policy.close()
+    results = evaluation.run()
     write_outputs(args, evaluation, tasks, time.monotonic() - started)
     lost = sum(r.failure == "server_lost" for r in results)
     return 0 if len(results) == len(tasks) * args.episodes and not lost else 1
@@ -387,9 +454,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         except SimulatorClientError as error:
             print(f"sim_eval {argv[0]}: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
-    args = parser().parse_args(argv)
+    check_only = argv[:1] == ["check"]
+    args = parser("sim_eval.py check" if check_only else "sim_eval.py").parse_args(argv[1:] if check_only else argv)
     try:
-        return run_with_ray(args) if args.ray is not None else run(args)
+        if args.ray is not None:
+            return run_with_ray(args, check_only)
+        return run(args, check_only=check_only)
     except SetupError as error:
         print(f"sim_eval: {error}", file=sys.stderr)
         return 2

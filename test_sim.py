@@ -34,11 +34,13 @@ from hypothesis import strategies as st
 
 import sim_client
 import sim_server
-from backends.base import InvalidParams
+from backends.base import CONTRACT_TASK_INFO_KEYS, InvalidParams
+from evaluation.actions import ActionsSidecar
 from evaluation.compare import mcnemar_exact_p, paired_difference_interval
 from evaluation.policies import Policy, PolicyBatcher, load_policy
-from evaluation.report import summarize, wilson_interval
+from evaluation.report import summarize
 from evaluation.runner import Evaluation, EvaluationSettings
+from evaluation.stats import mean_interval, student_t_quantile, wilson_interval
 from evaluation.videos import VideoWriter
 from harness_sim import (
     HERE,
@@ -1050,12 +1052,14 @@ def test_evaluation_runs_every_episode_and_survives_a_server_killed_mid_run(tmp_
     assert len(saved["episodes"]) == 20 and saved["retried"]
     assert all(os.path.exists(r.video) for r in results)
     rows = summarize(results)
-    assert rows[-1][0] == "overall" and rows[-1][1] == 20 and rows[-1][3] <= rows[-1][2] <= rows[-1][4]
+    overall = rows[-1]
+    assert (overall.name, overall.episodes, overall.measure) == ("overall", 20, "success")
+    assert overall.low <= overall.value <= overall.high
 
 
 def test_evaluation_resumes_from_its_results_file(tmp_path, mock_server):
     results_path = str(tmp_path / "results.json")
-    arguments = ["--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3",
+    arguments = ["--address", mock_server.address, "--tasks", "reach_center", "--episodes", "3", "--policy", "zero",
                  "--results", results_path, "--chart", str(tmp_path / "chart.png")]
     first = subprocess.run([sys.executable, "sim_eval.py", *arguments], cwd=HERE, capture_output=True, text=True,
                            timeout=120)
@@ -1162,14 +1166,14 @@ def test_reset_hook_runs_before_every_episode_and_a_failing_policy_fails_only_it
         "    resets.append(task_info['task_name'])\n"
         "    open('resets.txt', 'a').write(task_info['task_name'] + '\\n')\n"
         "def act(observation, task_info):\n"
-        "    if observation['state'][3] == 2 and len(resets) == 2:\n"
+        "    if observation['state'][3] == 2 and len(resets) == 3:  # the policy check's reset came first\n"
         "        return 1 / 0\n"
         "    return np.zeros(7)\n")
     results = tmp_path / "results.json"
     result = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "3",
                           "--policy", "my_policy:act", "--results", str(results), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "resets.txt").read_text().split() == ["reach_center"] * 3
+    assert (tmp_path / "resets.txt").read_text().split() == ["reach_center"] * 4  # the check's, then 3 episodes
     episodes = sorted(json.loads(results.read_text())["episodes"], key=lambda e: e["init_state_index"])
     assert [e["failure"] for e in episodes] == ["horizon", "policy_error", "horizon"]
     assert "ZeroDivisionError" in episodes[1]["error"] and episodes[1]["steps"] == 2
@@ -1210,21 +1214,178 @@ def test_batched_policy_that_raises_fails_every_episode_in_its_batch_and_the_run
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tasks", "reach_moon"], "unknown task 'reach_moon'"),
+    (["--tasks", "reach_moon"], "--tasks: no task 'reach_moon'"),
     (["--policy", "no_such_module:act"], "cannot import no_such_module"),
     (["--policy", "sim_client:no_such_function"], "no callable"),
     (["--policy", "openpi://nowhere"], "openpi://HOST:PORT"),
-    (["--load-option", "camera_width"], "KEY=JSON"),
-    (["--suite", "libero_nothing"], "no task suites"),
+    (["--load-option", "camera_width"], "KEY=VALUE"),
+    (["--suite", "libero_nothing"], "--suite libero_nothing: the mock simulator has no task suites"),
     (["--compare-with", "old.json"], "give --report too"),
     (["--compare-with", "old.json", "--report", "report.html"], "cannot read old.json"),
 ])
 def test_bad_eval_input_is_one_line_and_exit_2_before_any_episode(short_mock_server, tmp_path, args, message):
     results = tmp_path / "results.json"
-    result = run_eval_cli("--address", short_mock_server.address, "--episodes", "1", "--results", str(results), *args)
+    result = run_eval_cli("--address", short_mock_server.address, "--episodes", "1", "--results", str(results),
+                          "--policy", "zero", "--tasks", "reach_center", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not results.exists()
+
+
+# --- a score you can trust: the episode contract, conventions, the policy checked first ----------
+
+MISFIT_POLICIES = {
+    "six_d": "def act(observation, task_info):\n    return np.zeros(6)\n",
+    "nan": "def act(observation, task_info):\n    return np.full(7, np.nan)\n",
+    "raises": "def act(observation, task_info):\n    raise KeyError('agentview_image')\n",
+    "long_chunk": "def act(observation, task_info):\n    return np.zeros((300, 7))\n",
+    "expects": ("EXPECTS = {'state': [8], 'agentview_image': {'shape': [224, 224, 3], 'dtype': 'uint8'},\n"
+                "           'image': {'shape': [16, 16, 3], 'dtype': 'float32'}}\n"
+                "def act(observation, task_info):\n    return np.zeros(7)\n"),
+}
+
+
+@pytest.mark.parametrize("name, named", [
+    ("six_d", ["action 'action' has shape [6]; the task takes [7]"]),
+    ("nan", ["action 'action' contains NaN or Inf"]),
+    ("raises", ["the policy failed on reach_center's first observation: KeyError: 'agentview_image'"]),
+    ("long_chunk", ["a chunk of 300 actions; the server takes 1..256"]),
+    ("expects", ["expects 'state' of shape [8], the simulator sends [4]",
+                 "expects 'agentview_image' [224, 224, 3], but the simulator sends no such key",
+                 "expects 'image' as float32, the simulator sends uint8"]),
+])
+def test_a_policy_that_does_not_fit_is_stopped_before_any_episode_with_every_mismatch_named(
+        short_mock_server, tmp_path, name, named):
+    (tmp_path / f"{name}.py").write_text("import numpy as np\n" + MISFIT_POLICIES[name])
+    results = tmp_path / "results.json"
+    for command in ([], ["check"]):
+        result = run_eval_cli(*command, "--address", short_mock_server.address, "--tasks", "reach_center",
+                              "--episodes", "5", "--policy", f"{name}:act", "--results", str(results), cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "sim_eval: the policy" in result.stderr and all(part in result.stderr for part in named), result.stderr
+        assert not results.exists() and not (tmp_path / "results.actions").exists()
+
+
+def test_a_fitting_policy_is_checked_and_its_inputs_are_said_and_recorded(short_mock_server, tmp_path):
+    (tmp_path / "wide.py").write_text("import numpy as np\n"
+                                      "EXPECTS = {'state': [4], 'image': {'shape': [16, 16, 3], 'dtype': 'uint8'}}\n"
+                                      "def act(observation, task_info):\n    return np.full((3, 7), 2.0)\n")
+    check = run_eval_cli("check", "--address", short_mock_server.address, "--tasks", "reach_center", "--policy",
+                         "wide:act", cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert "convention none; images image 16x16x3, wrist_image 16x16x3 (upright); state state [4]; action action [7] " \
+           "float64 in [-1, 1]" in check.stdout
+    assert "leaves its bounds [-1, 1]" in check.stderr and "--clip-actions" in check.stderr
+    results = tmp_path / "results.json"
+    run = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "1",
+                       "--policy", "wide:act", "--clip-actions", "--results", str(results), cwd=tmp_path)
+    assert run.returncode == 0 and "leaves its bounds" not in run.stderr, run.stderr
+    saved = json.loads(results.read_text())
+    inputs = saved["policy_inputs"]
+    assert inputs["state"] == {"state": [4]} and inputs["images"]["image"] == [16, 16, 3]
+    actions = ActionsSidecar(str(results)).load(saved["episodes"][0]["actions_file"]).actions["action"]
+    assert actions.max() == 1.0  # clipped into the action spec, as openpi and LeRobot clip
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "reach_center"], "say which policy to evaluate: --policy"),
+    (["--policy", "zero"], "say what to evaluate: --suite NAME or --tasks NAME ...; this server has no suites; its "
+                           "tasks: reach_center, reach_corner, reach_floor"),
+    (["--policy", "zero", "--tasks", "reach_center", "--convention", "openpi"],
+     "--convention openpi: unknown mock option 'convention'"),
+    (["--policy", "zero", "--tasks", "reach_center", "--convention", "openpi", "--load-option",
+      "convention=lerobot"], "--convention openpi and --load-option convention=lerobot disagree"),
+])
+def test_the_runner_guesses_nothing(short_mock_server, tmp_path, args, message):
+    result = run_eval_cli("--address", short_mock_server.address, "--results", str(tmp_path / "r.json"), *args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_every_sim_eval_help_shows_its_defaults():
+    for command in ([], ["compare"], ["replay"], ["verify"], ["check"]):
+        result = run_eval_cli(*command, "--help")
+        assert result.returncode == 0 and "(default: " in result.stdout, command
+    assert "(default: 50)" in run_eval_cli("--help").stdout  # --episodes
+
+
+def test_list_tasks_without_a_suite_also_answers_suites(raw):
+    reply = raw.request("list_tasks")
+    assert reply["status"] == "ok" and reply["suites"] == {} and "reach_center" in reply["tasks"]
+
+
+def test_a_malformed_record_is_named_by_verify_replay_compare_and_resume(one_episode_results, tmp_path,
+                                                                         short_mock_server):
+    content = json.loads(one_episode_results.read_text())
+    for broken, named in (({k: v for k, v in content["episodes"][0].items() if k != "failure"},
+                           "record 0 ('reach_center', init state 0): missing 'failure'"),
+                          ({**content["episodes"][0], "steps": "six"},
+                           "record 0 ('reach_center', init state 0): 'steps' must be int, not \"six\"")):
+        path = tmp_path / "broken.json"
+        path.write_text(json.dumps({**content, "episodes": [broken]}))
+        address = ["--address", short_mock_server.address]
+        for command in (["verify", str(path), *address], ["replay", str(path), *address],
+                        ["compare", str(path), str(path)],
+                        ["--tasks", "reach_center", "--policy", "zero", "--results", str(path), *address]):
+            result = run_eval_cli(*command, cwd=tmp_path)
+            assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert named in result.stderr, (command, result.stderr)
+
+
+def test_a_resumed_run_keeps_every_invocation_and_the_report_shows_them(short_mock_server, tmp_path):
+    results, report = tmp_path / "results.json", tmp_path / "report.html"
+    common = ["--address", short_mock_server.address, "--tasks", "reach_center", "--policy", "zero", "--results",
+              str(results)]
+    assert run_eval_cli(*common, "--episodes", "2").returncode == 0
+    first = json.loads(results.read_text())["invocations"]
+    assert run_eval_cli(*common, "--episodes", "3", "--report", str(report)).returncode == 0
+    saved = json.loads(results.read_text())
+    assert len(saved["invocations"]) == 2 and saved["invocations"][0] == first[0]
+    assert saved["run"]["started_at"] == first[0]["started_at"] and saved["run"]["command"] == first[0]["command"]
+    assert saved["invocations"][1]["finished_at"] == saved["run"]["finished_at"]
+    assert {"python", "numpy"} <= set(saved["invocations"][1]["client_stack"])
+    page = report.read_text()
+    assert "Invocations (2)" in page and page.count("--episodes 2") >= 1 and "--report" in page
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 9, 30, 200])
+def test_student_t_quantile_equals_scipys(df):
+    from scipy import stats as scipy_stats
+
+    assert student_t_quantile(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+    values = list(np.random.default_rng(df).normal(3.0, 2.0, df + 1))
+    mean, low, high = mean_interval(values)
+    expected = scipy_stats.t.interval(0.95, df, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert (low, high) == pytest.approx(expected, rel=1e-9) and mean == pytest.approx(np.mean(values))
+
+
+def test_tasks_without_a_success_criterion_are_scored_by_return_everywhere(tmp_path):
+    """A null success is never counted: the summary, table, LeRobot JSON and compare show mean returns."""
+    from evaluation.compare import compare_runs
+    from evaluation.records import EpisodeRecord, lerobot_eval_info
+
+    def records(rewards, successes=None):
+        return [EpisodeRecord(task="CartPole-v1" if successes is None else "reach_center", init_state_index=0,
+                              seed=i, success=None if successes is None else successes[i], steps=10,
+                              failure="terminated", sum_reward=reward) for i, reward in enumerate(rewards)]
+
+    returns = records([10.0, 20.0, 30.0])
+    mixed = returns + records([-1.0, -2.0], successes=[True, False])
+    rows = {row.name: row for row in summarize(mixed)}
+    assert rows["CartPole-v1"].measure == "return" and rows["CartPole-v1"].value == 20.0
+    assert rows["CartPole-v1"].low == pytest.approx(20.0 - 4.302652729911275 * 10 / np.sqrt(3))
+    assert rows["reach_center"].measure == "success" and rows["reach_center"].value == 0.5
+    assert set(rows) == {"CartPole-v1", "reach_center", "overall (success)", "overall (return)"}
+    lerobot = lerobot_eval_info(mixed, ["CartPole-v1", "reach_center"], 1.0)
+    assert lerobot["per_task"][0]["metrics"]["pc_success"] is None and lerobot["overall"]["pc_success"] == 50.0
+    assert lerobot["per_task"][0]["metrics"]["successes"] == [None, None, None]
+    for name, episodes in (("a", returns), ("b", records([12.0, 25.0, 29.0]))):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"run": {"policy": name}, "task_settings": {},
+                                                           "episodes": [e.as_json() for e in episodes]}))
+    compared = compare_runs(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    overall = compared["overall"].as_json()
+    assert overall["measure"] == "return" and overall["difference"] == pytest.approx(2.0)
+    assert overall["mean_return_a"] == 20.0 and "mcnemar_exact_p" not in overall
 
 
 # --- comparing two runs pair by pair ---------------------------------------------
@@ -1442,7 +1603,7 @@ def one_episode_results(short_mock_server, tmp_path_factory):
     """A results file of one mock episode, with its actions, for the tests that only read it."""
     results = tmp_path_factory.mktemp("one_episode") / "one.json"
     assert run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "1",
-                        "--results", str(results)).returncode == 0
+                        "--policy", "zero", "--results", str(results)).returncode == 0
     return results
 
 
@@ -1465,7 +1626,7 @@ def test_bad_replay_input_is_one_line_and_exit_2(tmp_path, short_mock_server, on
 
 def test_unreachable_server_or_policy_server_is_one_line_and_exit_2(short_mock_server):
     nobody = f"tcp://127.0.0.1:{free_port()}"
-    result = run_eval_cli("--address", nobody, "--tasks", "reach_center", "--timeout", "1")
+    result = run_eval_cli("--address", nobody, "--tasks", "reach_center", "--policy", "zero", "--timeout", "1")
     assert result.returncode == 2 and "no simulator server answers at " + nobody in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_eval_cli("--address", short_mock_server.address, "--policy", f"openpi://127.0.0.1:{free_port()}")
@@ -1614,7 +1775,8 @@ def test_openpi_policy_server_drives_libero_episodes_and_its_failure_fails_one_e
     port, calls_log = free_port(), tmp_path / "calls.jsonl"
     script = tmp_path / "serve_checking_policy.py"
     script.write_text(OPENPI_POLICY_SERVER)
-    policy_server = subprocess.Popen([openpi_python, str(script), str(port), str(calls_log), "5"],
+    # call 1 is the policy check before the first episode, 2-4 episode 0's chunks, 5-6 episode 1's
+    policy_server = subprocess.Popen([openpi_python, str(script), str(port), str(calls_log), "6"],
                                      stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: socket_accepts(port), 60)
@@ -1633,9 +1795,9 @@ def test_openpi_policy_server_drives_libero_episodes_and_its_failure_fails_one_e
     assert saved["task_settings"][task]["convention"] == "openpi"
     assert episodes[0]["failure"] == "horizon" and episodes[0]["steps"] == 12  # 5 + 5 + 2 of three chunks
     assert episodes[1]["failure"] == "policy_error" and "policy exploded on purpose" in episodes[1]["error"]
-    assert episodes[1]["steps"] == 5  # the fifth call failed: one chunk of that episode ran first
+    assert episodes[1]["steps"] == 5  # the sixth call failed: one chunk of that episode ran first
     calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
-    assert len(calls) == 5 and calls[0]["prompt"] == libero_suite(LIBERO_SUITE).get_task(0).language
+    assert len(calls) == 6 and calls[0]["prompt"] == libero_suite(LIBERO_SUITE).get_task(0).language
 
 
 def socket_accepts(port: int) -> bool:
@@ -1676,7 +1838,8 @@ def test_results_file_records_how_the_run_was_made_and_refuses_other_settings_on
 def test_lerobot_json_has_lerobots_eval_info_shape(tmp_path, short_mock_server):
     path = tmp_path / "eval_info.json"
     result = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "reach_floor",
-                          "--episodes", "2", "--results", str(tmp_path / "r.json"), "--lerobot-json", str(path))
+                          "--episodes", "2", "--policy", "zero", "--results", str(tmp_path / "r.json"),
+                          "--lerobot-json", str(path))
     assert result.returncode == 0, result.stderr
     info = json.loads(path.read_text())
     assert set(info) == {"per_episode", "per_task", "per_group", "overall"}
@@ -2019,7 +2182,7 @@ def run_ray_eval(ray_head: str, tmp_path, *args: str) -> subprocess.Popen:
     env = {**os.environ, **LOOPBACK_RAY, **MOCK_EVAL_ENV, "SIM_MOCK_EPISODE_STEPS": "10", "SIM_MOCK_STEP_MS": "10"}
     return subprocess.Popen([sys.executable, "sim_eval.py", "--ray", ray_head, "--servers", "2",
                              "--server-args", "--simulator mock", "--tasks", "reach_center", "reach_floor",
-                             "--timeout", "10", "--results", str(tmp_path / "results.json"),
+                             "--policy", "zero", "--timeout", "10", "--results", str(tmp_path / "results.json"),
                              "--addresses-file", str(tmp_path / "servers.txt"), *args],
                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -2078,7 +2241,8 @@ def test_ray_serve_only_keeps_servers_up_until_interrupted(ray_head, tmp_path):
 def test_ray_without_an_address_starts_a_local_ray_on_loopback_and_stops_it(tmp_path):
     results = tmp_path / "results.json"
     result = subprocess.run([sys.executable, "sim_eval.py", "--ray", "--servers", "1", "--server-args",
-                             "--simulator mock", "--tasks", "reach_center", "--episodes", "2", "--results",
+                             "--simulator mock", "--tasks", "reach_center", "--episodes", "2", "--policy", "zero",
+                             "--results",
                              str(results)], cwd=HERE, env={**os.environ, **MOCK_EVAL_ENV}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -2098,7 +2262,8 @@ def test_ray_set_up_mistakes_exit_with_one_line(args, message):
 
 @pytest.mark.slow
 def test_ray_server_that_cannot_start_is_one_clear_line_and_leaves_nothing(tmp_path):
-    result = run_eval_cli("--ray", "--servers", "1", "--server-args", "--simulator nope", "--tasks", "x")
+    result = run_eval_cli("--ray", "--servers", "1", "--server-args", "--simulator nope", "--tasks", "x", "--policy",
+                          "zero")
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2
     assert last.startswith("sim_eval: a simulator server could not start") and "unknown simulator 'nope'" in last
@@ -2198,14 +2363,20 @@ def check_protocol_conformance(server, task: str, action, bad_action, **load_opt
         assert_error(client.request("load_task", task_name=task, no_such_option=1), "invalid_params")
         task_info = client.request("load_task", task_name=task, **load_options)["task_info"]
         assert {"action_spec", "observation_spec", "max_episode_steps", "description"} <= set(task_info)
+        assert_episode_contract(task_info)
         assert_error(client.request("step", action=action), "not_reset")
-        observation = client.request("reset", seed=1)["observation"]
+        reset = client.request("reset", **({"init_state_index": 1} if "num_init_states" in task_info else
+                                          {"seed": 1}))
+        observation = reset["observation"]
+        assert reset["info"]["success"] is False and reset["info"]["step"] == 0, reset["info"]
         assert set(observation) == set(task_info["observation_spec"])
         for key, spec in task_info["observation_spec"].items():
             assert list(observation[key].shape) == spec["shape"] and observation[key].dtype.str == spec["dtype"], key
         step = client.request("step", action=action)
         assert step["status"] == "ok" and isinstance(step["reward"], float)
         assert isinstance(step["terminated"], bool) and isinstance(step["truncated"], bool)
+        assert isinstance(step["info"]["success"], bool) and step["info"]["step"] == 1, step["info"]
+        assert task_info["has_success"] or step["info"]["success"] is False
         assert_error(client.request("step", action=bad_action), "invalid_params")
         assert_error(client.request("fly"), "unknown_method")
         assert client.request("step", action=action)["status"] == "ok"
@@ -2213,6 +2384,19 @@ def check_protocol_conformance(server, task: str, action, bad_action, **load_opt
     finally:
         client.request("disconnect")
         client.close()
+
+
+def assert_episode_contract(task_info: dict) -> None:
+    """task_info's side of the episode contract (backends/base.py): has_success, control_hz, conventions,
+    images_rotated_180, and num_init_states where there are fixed init states."""
+    assert set(CONTRACT_TASK_INFO_KEYS) <= set(task_info), sorted(set(CONTRACT_TASK_INFO_KEYS) - set(task_info))
+    assert isinstance(task_info["has_success"], bool) and isinstance(task_info["images_rotated_180"], bool)
+    assert task_info["control_hz"] is None or (isinstance(task_info["control_hz"], (int, float))
+                                               and task_info["control_hz"] > 0), task_info["control_hz"]
+    assert isinstance(task_info["conventions"], list) and all(isinstance(c, str) for c in task_info["conventions"])
+    assert task_info.get("convention") is None or task_info["convention"] in task_info["conventions"]
+    assert "num_init_states" not in task_info or (isinstance(task_info["num_init_states"], int)
+                                                  and task_info["num_init_states"] > 0)
 
 
 # The backend contract in-process, run under the simulator's own interpreter.
@@ -2567,6 +2751,23 @@ def test_gymnasium_discrete_actions_keep_the_contract_with_their_own_spec(gymnas
 
 
 @pytest.mark.slow
+def test_a_random_gymnasium_policy_scores_no_success_but_its_mean_return(gymnasium_server, tmp_path):
+    results, lerobot = tmp_path / "results.json", tmp_path / "eval_info.json"
+    result = run_eval_cli("--address", gymnasium_server.address, "--tasks", "CartPole-v1", "Hopper-v5", "--episodes",
+                          "4", "--policy", "random", "--results", str(results), "--lerobot-json", str(lerobot),
+                          "--report", str(tmp_path / "report.html"))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(results.read_text())
+    assert len(saved["episodes"]) == 8 and all(e["success"] is None for e in saved["episodes"])
+    assert {row["measure"] for row in saved["summary"].values()} == {"return"}
+    assert saved["summary"]["CartPole-v1"]["mean_return"] == np.mean(
+        [e["sum_reward"] for e in saved["episodes"] if e["task"] == "CartPole-v1"])
+    assert "success" not in result.stdout and "return" in result.stdout
+    assert json.loads(lerobot.read_text())["overall"]["pc_success"] is None
+    assert "mean return (no success criterion)" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
 def test_gymnasium_episode_equals_in_process_bit_for_bit(gymnasium_server, in_process_gl):
     import gymnasium
 
@@ -2847,9 +3048,27 @@ def test_metaworld_lists_its_suites_and_a_scripted_reach_succeeds_and_terminates
 
 
 @pytest.mark.slow
+def test_the_metaworld_reach_example_succeeds_through_the_server_on_a_single_task(metaworld_server, tmp_path):
+    listing = metaworld_server.client().request("list_tasks")
+    assert listing["suites"]["metaworld/MT10"] == 10 and listing["suites"]["metaworld/very_hard"] == 5
+    unsaid = run_eval_cli("--address", metaworld_server.address, "--policy", "zero")
+    assert unsaid.returncode == 2 and "this server's suites: metaworld/MT10 (10), metaworld/MT50 (50)" in unsaid.stderr
+    results = tmp_path / "reach.json"
+    result = run_eval_cli("--address", metaworld_server.address, "--tasks", "metaworld/reach-v3", "--episodes", "10",
+                          "--parallel", "2", "--policy", "examples.metaworld_reach:act", "--load-option", "cameras=[]",
+                          "--results", str(results))
+    assert result.returncode == 0, result.stderr
+    assert "policy inputs on metaworld (metaworld/reach-v3): convention standard; images none" in result.stdout
+    episodes = json.loads(results.read_text())["episodes"]
+    assert len(episodes) == 10 and sum(e["success"] for e in episodes) >= 8, [e["success"] for e in episodes]
+    assert all(e["steps"] < 500 for e in episodes if e["success"])  # an episode ends at its success
+
+
+@pytest.mark.slow
 def test_sim_eval_runs_a_metaworld_suite_with_its_report(metaworld_server, tmp_path):
     report, results = tmp_path / "report.html", tmp_path / "results.json"
     result = run_eval_cli("--address", metaworld_server.address, "--suite", "metaworld/very_hard", "--episodes", "1",
+                          "--policy", "zero",
                           "--load-option", "max_episode_steps=3", "--load-option", "camera_width=32",
                           "--load-option", "camera_height=32", "--results", str(results), "--report", str(report),
                           "--videos", str(tmp_path / "videos"))
@@ -3434,6 +3653,50 @@ def test_libero_raw_convention_is_libero_untouched(libero_session):
     assert_error(client.request("load_task", task_name=libero_suite(LIBERO_SUITE).get_task_names()[0],
                                 convention="mine"), "invalid_params")
     load_convention(client, "standard")
+
+
+# An observation recorder: what a module policy gets, written where the test reads it.
+RECORDING_POLICY = """import json, numpy as np
+{declaration}
+def act(observation, task_info):
+    seen = {{key: list(np.shape(value)) for key, value in observation.items()}}
+    json.dump({{"shapes": seen, "rotated": task_info["images_rotated_180"], "convention": task_info["convention"]}},
+              open("seen.json", "w"))
+    return np.zeros(7)
+"""
+
+
+@pytest.mark.libero
+def test_a_module_policy_gets_the_convention_it_chooses_by_flag_option_or_declaration(libero_server, tmp_path):
+    client = libero_server.client()
+    try:
+        task = client.request("list_tasks")["tasks"][0]
+    finally:
+        client.request("disconnect")
+        client.close()
+    small = ["--load-option", "camera_width=64", "--load-option", "camera_height=64"]
+    for declaration, flags, convention in (("", [], "standard"), ("", ["--convention", "openpi"], "openpi"),
+                                           ("", ["--load-option", "convention=openpi"], "openpi"),
+                                           ("CONVENTION = 'openpi'", [], "openpi"),
+                                           ("CONVENTION = 'openpi'", ["--convention", "lerobot"], "lerobot")):
+        (tmp_path / "recorder.py").write_text(RECORDING_POLICY.format(declaration=declaration))
+        result = run_eval_cli("check", "--address", libero_server.address, "--tasks", task, "--policy",
+                              "recorder:act", *small, *flags, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        seen = json.loads((tmp_path / "seen.json").read_text())
+        assert seen["convention"] == convention, (flags, declaration, seen)
+        assert f"convention {convention};" in result.stdout
+        if convention == "openpi":  # openpi's 8-D state and upright images
+            assert seen["shapes"]["state"] == [8] and seen["rotated"] is False
+            assert "agentview_image 64x64x3, robot0_eye_in_hand_image 64x64x3 (upright)" in result.stdout
+        else:
+            assert "state" not in seen["shapes"] and seen["rotated"] is True
+            assert "(rotated 180° as rendered)" in result.stdout
+    refused = run_eval_cli("check", "--address", libero_server.address, "--tasks", task, "--policy", "zero",
+                           "--convention", "openpy", *small, cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--convention openpy: unknown convention 'openpy'; conventions: standard, openpi, lerobot, raw" \
+        in refused.stderr
 
 
 # --- LIBERO parity with the published stack, and provenance ------------------

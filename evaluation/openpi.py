@@ -121,6 +121,15 @@ class OpenpiPolicy:
         connection.close()
         return metadata if isinstance(metadata, dict) else {}
 
+    def declared_inputs(self) -> Any:
+        """The inputs the server's metadata declares ("expects" or LeRobot-style "input_features": request
+        key -> shape), checked before the first episode; None when it declares none (openpi's own
+        servers send their policy's metadata, which names no shapes)."""
+        for key in ("expects", "input_features"):
+            if key in self.metadata:
+                return self.metadata[key]
+        return None
+
     def __call__(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> np.ndarray:
         if getattr(self.local, "connection", None) is None:
             self.local.connection, _ = self._connect()

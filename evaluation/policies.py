@@ -51,22 +51,34 @@ class Policy:
     """What an episode calls: `act(observation, task_info)` and `reset(task_info)`.
 
     Any exception from the user's code becomes a PolicyError carrying its traceback.
-    `load_options` are load_task options the policy needs (openpi: its convention).
+    `convention` is the observation convention the policy declares (a module's CONVENTION, openpi's
+    "openpi"; --convention overrides it), `expects` the inputs it declares (key -> {"shape", "dtype"}),
+    checked before the first episode against `inputs_of(observation, task_info)`, what it is given.
+    With `clip_actions`, every action is clipped into the action spec's bounds.
     """
 
     def __init__(self, act: Callable, reset: Optional[Callable] = None, name: str = "",
-                 load_options: Optional[Dict[str, Any]] = None) -> None:
+                 convention: Optional[str] = None, expects: Optional[Dict[str, Dict[str, Any]]] = None,
+                 inputs_of: Optional[Callable] = None) -> None:
         self._act, self._reset = act, reset
         self.name = name
-        self.load_options = load_options or {}
+        self.convention, self.expects = convention, expects
+        self.inputs_of = inputs_of or (lambda observation, task_info: observation)
+        self.clip_actions = False
+
+    @property
+    def load_options(self) -> Dict[str, Any]:
+        """The load_task options the policy needs: its convention."""
+        return {"convention": self.convention} if self.convention else {}
 
     def act(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Any:
         try:
-            return self._act(observation, task_info)
+            action = self._act(observation, task_info)
         except PolicyError:
             raise
         except Exception:
             raise PolicyError(traceback.format_exc()) from None
+        return clipped(action, task_info["action_spec"]) if self.clip_actions else action
 
     def reset(self, task_info: Dict[str, Any]) -> None:
         if self._reset is None:
@@ -83,15 +95,51 @@ class Policy:
             closer()
 
 
+def clipped(action: Any, action_spec: Dict[str, Any]) -> Any:
+    """The action (or chunk) clipped into its spec's low/high, as openpi's and LeRobot's loops clip."""
+    named = action if isinstance(action, dict) else {"action": action}
+    kept = {}
+    for key, value in named.items():
+        spec, value = action_spec.get(key, {}), np.asarray(value)
+        if "low" in spec and "high" in spec and value.dtype.kind in "iuf":
+            value = np.clip(value, np.asarray(spec["low"]), np.asarray(spec["high"])).astype(value.dtype)
+        kept[key] = value
+    return kept if isinstance(action, dict) else kept["action"]
+
+
+def normalized_expectations(declared: Any, source: str) -> Dict[str, Dict[str, Any]]:
+    """A policy's declared inputs as key -> {"shape": [...], "dtype": dtype.str or None}. Accepts
+    {"state": [8]}, {"state": {"shape": [8], "dtype": "float32"}} and LeRobot's input_features
+    (objects with a `shape`); SetupError for anything else."""
+    if not isinstance(declared, dict):
+        raise SetupError(f"{source} must map observation keys to shapes, e.g. {{'state': [8]}}")
+    expected = {}
+    for key, value in declared.items():
+        shape, dtype = getattr(value, "shape", None), None
+        if isinstance(value, dict):
+            shape, dtype = value.get("shape"), value.get("dtype")
+        elif isinstance(value, (list, tuple)):
+            shape = value
+        try:
+            shape = [int(n) for n in shape]
+            dtype = None if dtype is None else np.dtype(dtype).str
+        except (TypeError, ValueError):
+            raise SetupError(f"{source}[{key!r}]: give a shape such as [8] (and optionally a dtype)") from None
+        expected[str(key)] = {"shape": shape, "dtype": dtype}
+    return expected
+
+
 def load_policy(spec: str, batch_size: int = 1, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
                 timeout_s: float = DEFAULT_POLICY_TIMEOUT_S, replan_steps: Optional[int] = None) -> Policy:
     """A built-in policy, `module:name` importable from the current folder, or openpi://HOST:PORT
     (which executes `replan_steps` actions of each chunk, openpi's 5 by default)."""
     if spec.startswith("openpi://"):
-        from evaluation.openpi import DEFAULT_REPLAN_STEPS, OpenpiPolicy
+        from evaluation.openpi import DEFAULT_REPLAN_STEPS, OpenpiPolicy, openpi_observation
 
         served = OpenpiPolicy(spec, DEFAULT_REPLAN_STEPS if replan_steps is None else replan_steps, timeout_s)
-        return Policy(served, name=served.uri, load_options={"convention": "openpi"})
+        declared = served.declared_inputs()
+        expects = normalized_expectations(declared, f"{spec} metadata") if declared is not None else None
+        return Policy(served, name=served.uri, convention="openpi", expects=expects, inputs_of=openpi_observation)
     if spec in BUILTIN_POLICIES:
         if batch_size > 1:
             raise SetupError(f"--batch-size needs a batched module:function policy, not {spec!r}")
@@ -110,7 +158,27 @@ def load_policy(spec: str, batch_size: int = 1, batch_wait_ms: float = DEFAULT_B
     reset = getattr(target, "reset", None)
     reset_hook = (lambda task_info: reset()) if callable(reset) else getattr(module, "reset", None)
     act = PolicyBatcher(target, batch_size, batch_wait_ms, timeout_s) if batch_size > 1 else target
-    return Policy(act, reset_hook if callable(reset_hook) else None, name=spec)
+    return Policy(act, reset_hook if callable(reset_hook) else None, name=spec,
+                  convention=declared_convention(module, spec), expects=declared_inputs(module, target, spec))
+
+
+def declared_convention(module: Any, spec: str) -> Optional[str]:
+    """A policy module's CONVENTION (e.g. "openpi"), or None."""
+    convention = getattr(module, "CONVENTION", None)
+    if convention is not None and not isinstance(convention, str):
+        raise SetupError(f"--policy {spec!r}: CONVENTION must be a convention's name, e.g. 'openpi'")
+    return convention
+
+
+def declared_inputs(module: Any, target: Any, spec: str) -> Optional[Dict[str, Dict[str, Any]]]:
+    """What a policy declares it expects: EXPECTS (or LeRobot's input_features) on the policy object
+    or its module, normalized; None when it declares nothing."""
+    for owner in (target, module):
+        for name in ("EXPECTS", "input_features"):
+            declared = getattr(owner, name, None)
+            if declared is not None and not callable(declared):
+                return normalized_expectations(declared, f"--policy {spec!r}: {name}")
+    return None
 
 
 @dataclass

@@ -25,7 +25,7 @@ from evaluation import SetupError
 from evaluation.actions import ActionsSidecar, RecordedEpisode, arrays_digest, image_keys
 from evaluation.compare import setting_differences
 from evaluation.policies import Policy
-from evaluation.records import EpisodeRecord, ResultsFile, utc_now
+from evaluation.records import EpisodeRecord, ResultsFile, records_of, utc_now
 from evaluation.report import summary_json
 from evaluation.runner import TASK_PROVENANCE, Episode, reset_episode, server_facts
 from evaluation.videos import VideoWriter
@@ -40,10 +40,12 @@ class RecordedRun:
             with open(path, "rb") as results_file:
                 raw = results_file.read()
             content = json.loads(raw)
-            self.episodes = [EpisodeRecord.from_json(data) for data in content["episodes"]]
+            self.episodes = records_of(content)
             self.load_options: Dict[str, Any] = content["run"]["settings"]["load_options"]
         except OSError as error:
             raise SetupError(f"cannot read {path}: {error.strerror}") from None
+        except SetupError as error:
+            raise SetupError(f"{path}: {error}") from None
         except (ValueError, KeyError, TypeError) as error:
             raise SetupError(f"{path} is not a sim_eval.py results file ({type(error).__name__}: {error})") from None
         self.path, self.sha256 = path, hashlib.sha256(raw).hexdigest()

@@ -9,6 +9,7 @@ another session (another server when there is one).
 from __future__ import annotations
 
 import difflib
+import platform
 import sys
 import threading
 import time
@@ -65,6 +66,7 @@ class EvaluationSettings:
     force: bool = False  # resume a results file made with other settings
     client_options: Dict[str, Optional[str]] = field(default_factory=dict)  # CURVE keys, simulator
     record_actions: bool = True  # keep every episode's actions beside the results file (replay, verify)
+    policy_inputs: Optional[Dict[str, Any]] = None  # what the policy check found the policy gets (preflight.py)
 
 
 def reset_episode(sim: SimulatorClient, task_info: Dict[str, Any], index: int
@@ -89,7 +91,9 @@ class Episode:
         self.started = time.monotonic() if started is None else started  # before the reset
         self.trace = EpisodeTrace(image_keys(task_info))
         self.frames = [upright(self.observation[record_key], task_info)] if record_key else []
-        self.steps, self.ended, self.success, self.failure, self.error = 0, False, False, "horizon", None
+        self.steps, self.ended, self.failure, self.error = 0, False, "horizon", None
+        # None for a task without a success criterion: scored by its return, never by a made-up rate
+        self.success: Optional[bool] = False if task_info.get("has_success", True) else None
         self.horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
 
     def step(self, sim: SimulatorClient, action: Any, render: bool = True) -> Dict[str, Any]:
@@ -104,7 +108,9 @@ class Episode:
             new_frames = result["frames"] if self.every_frame else [self.observation[self.record_key]]
             self.frames += [upright(frame, self.task_info) for frame in new_frames]
         if result["terminated"] or result["truncated"]:
-            self.ended, self.success = True, bool(result["info"].get("success", result["terminated"]))
+            self.ended = True
+            if self.success is not None:  # a missing success is a failure, whatever `terminated` says
+                self.success = bool(result["info"].get("success", False))
             self.failure = None if self.success else ("horizon" if result["truncated"] else "terminated")
         return result
 
@@ -136,6 +142,11 @@ def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], poli
     episode = Episode(task, task_info, index, reset_episode(sim, task_info, index), record_key, every_frame, started)
     episode.run_policy(sim, policy)
     return episode
+
+
+def client_stack() -> Dict[str, str]:
+    """The runner's own Python and numpy, beside the servers' stacks."""
+    return {"python": platform.python_version(), "numpy": np.__version__}
 
 
 def server_facts(sim: SimulatorClient) -> Dict[str, Any]:
@@ -177,6 +188,7 @@ class Evaluation:
         self.jobs = [Job(task, index) for task in settings.tasks for index in range(settings.episodes)
                      if (task, index) not in done]
         self.started_at, self.finished_at = utc_now(), None
+        self.earlier_invocations = self.results_file.earlier_invocations()
         self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
         self.retried: List[Dict[str, Any]] = []
         self.dead_addresses: set = set()
@@ -208,9 +220,17 @@ class Evaluation:
         return self.results
 
     def run_info(self) -> Dict[str, Any]:
-        """How this run was made: command, policy, settings, client version, times."""
-        return {"command": sys.argv, "policy": self.policy.name, "settings": self.run_settings,
-                "client_version": CLIENT_VERSION, "started_at": self.started_at, "finished_at": self.finished_at}
+        """How this run was made: its first command, policy, settings, client version, and the times
+        from its first invocation's start to its last one's end (every invocation: invocations())."""
+        first = self.invocations()[0]
+        return {"command": first["command"], "policy": self.policy.name, "settings": self.run_settings,
+                "client_version": CLIENT_VERSION, "started_at": first["started_at"], "finished_at": self.finished_at}
+
+    def invocations(self) -> List[Dict[str, Any]]:
+        """Every invocation that wrote the results file, this one last: command, client stack, times."""
+        this = {"command": sys.argv, "client_version": CLIENT_VERSION, "client_stack": client_stack(),
+                "started_at": self.started_at, "finished_at": self.finished_at}
+        return self.earlier_invocations + [this]
 
     def _work(self, slot: int) -> None:
         """One session at a time on this slot's server; it ends (freeing its simulator) when the
@@ -247,6 +267,7 @@ class Evaluation:
             return
         except ServerError as error:  # the server refused an action or a reset: a failed episode
             record = EpisodeRecord.failed(job.task, job.index, "simulator_error", f"{type(error).__name__}: {error}")
+            record.success = False if session.task_info.get("has_success", True) else None
             record.address, record.attempts = address, job.attempts + 1
             self._finish(record, [])
             return
@@ -326,7 +347,8 @@ class Evaluation:
 
     def _save(self) -> None:
         self.results_file.save({
-            "run": self.run_info(), "addresses": self.addresses, "servers": self.servers,
+            "run": self.run_info(), "invocations": self.invocations(), "policy_inputs": self.settings.policy_inputs,
+            "addresses": self.addresses, "servers": self.servers,
             "tasks": self.settings.tasks, "task_settings": self.task_settings, "summary": summary_json(self.results),
             "retried": self.retried, "episodes": [record.as_json() for record in self.results]})
 
@@ -379,10 +401,10 @@ class Progress:
         except ImportError:
             self.bar = None
 
-    def update(self, success: bool) -> None:
-        """One more episode done."""
+    def update(self, success: Optional[bool]) -> None:
+        """One more episode done (success None: a task scored by return)."""
         self.done += 1
-        self.successes += int(success)
+        self.successes += int(success is True)
         rate = self.successes / self.done
         if self.bar is not None:
             self.bar.set_postfix(success=f"{rate:.2f}")
@@ -420,19 +442,42 @@ def check_servers(addresses: List[str], client_options: Dict[str, Optional[str]]
 
 def resolve_tasks(address: str, tasks: Optional[List[str]], suite: Optional[str],
                   client_options: Dict[str, Optional[str]]) -> List[str]:
-    """The tasks to run: the suite's, or `tasks` checked against what the server lists."""
+    """The tasks to run: the suite's, or `tasks`, each a name list_tasks gives (the server's list, the
+    suite's, or its own "suite/" group's). SetupError when neither is given (naming the server's
+    suites), or for an unknown suite or task."""
     with SimulatorClient(address, timeout_s=PREFLIGHT_TIMEOUT_S, **client_options) as sim:
-        try:
+        listing = sim.call("list_tasks")
+        if not tasks and suite is None:
+            raise SetupError("say what to evaluate: --suite NAME or --tasks NAME ...; " + offer(listing))
+        candidates = set(listing["tasks"])
+        if suite is not None:
+            suite_tasks = suite_listing(sim, suite, listing)
             if not tasks:
-                return sim.list_tasks(suite=suite)
-            listed: Dict[Optional[str], List[str]] = {}
-            for task in tasks:
-                group = task.rpartition("/")[0] or None
-                if group not in listed:
-                    listed[group] = sim.list_tasks(suite=group)
-                if task not in listed[group]:
-                    close = difflib.get_close_matches(task, listed[group], n=3) or listed[group][:3]
-                    raise SetupError(f"unknown task {task!r} on {address}; close matches: {close}")
-        except ServerError as error:  # an unknown suite, or a server without suites
-            raise SetupError(str(error)) from None
+                return suite_tasks
+            candidates.update(suite_tasks)
+        for group in sorted({task.rpartition("/")[0] for task in tasks} - {""}):
+            if group in listing.get("suites", {}):
+                candidates.update(sim.list_tasks(suite=group))
+    unknown = [task for task in tasks if task not in candidates]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(candidates), n=3)
+        raise SetupError(f"--tasks: no task {unknown[0]!r} on {address}; close matches: {close or 'none'} "
+                         "(names as list_tasks gives them)")
     return tasks
+
+
+def suite_listing(sim: SimulatorClient, suite: str, listing: Dict[str, Any]) -> List[str]:
+    """The suite's tasks; SetupError in the flag's words for one the server does not have."""
+    try:
+        return sim.list_tasks(suite=suite)
+    except ServerError as error:
+        raise SetupError(f"--suite {suite}: {error}; {offer(listing)}") from None
+
+
+def offer(listing: Dict[str, Any]) -> str:
+    """What the server has to evaluate, from list_tasks' answer: its suites with their sizes, or tasks."""
+    suites = listing.get("suites") or {}
+    if suites:
+        return "this server's suites: " + ", ".join(f"{name} ({count})" for name, count in suites.items())
+    names = listing["tasks"]
+    return f"this server has no suites; its tasks: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else "")
