@@ -163,13 +163,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    """Whether `predicate` came true within `timeout_s`: a bound on a real hang, not a speed test."""
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, interval_s: float = 0.05) -> bool:
+    """Whether `predicate` came true within `timeout_s` (asked every `interval_s`): a bound on a real
+    hang, not a speed test."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.05)
+        time.sleep(interval_s)
     return False
 
 

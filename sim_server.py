@@ -5,12 +5,16 @@
     python sim_server.py --simulator mock --port 5556  # a fake simulator, for trying clients
 
 Clients (sim_client.py) send one msgpack map per request. Every client is a session; each
-session's simulator runs in its own process (backends/worker.py), so a slow step never stalls
-the poll loop or another session, and a simulator that crashes or hangs ends only its session.
+session's simulator runs in its own process, so a slow step never stalls the poll loop or
+another session, and a simulator that crashes or hangs ends only its session. That process is
+this file's other mode, `python sim_server.py --simulator-process FD SIMULATOR SESSION_ID
+LOG_LEVEL` (started by the server, never by hand): it decodes the loop's calls with the same
+codec and answers them with backends/worker.py's episode logic.
 
 This file is the spine, in order: configuration, protocol codec, requests and replies, session
-table, the poll loop and dispatch, main(). Its parts live in server/ (simulator processes,
-catalogs, connections and CURVE, the dashboard) and backends/ (the simulators).
+table, the poll loop and dispatch, the simulator process, main(). Its parts live in server/
+(simulator processes, catalogs, connections and CURVE, the dashboard) and backends/ (the
+simulators, and the channel both ends frame their messages with).
 
 Who is who: a client's ZMQ `routing_id` names its session; `session_key` is the session table's
 key (the routing_id, plus the TCP connection for guessable ids); `session_id` is the short
@@ -25,8 +29,10 @@ import io
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -36,6 +42,7 @@ import numpy as np
 
 from backends import available_backends
 from backends.base import (
+    PROVENANCE_KEYS,
     BackendError,
     InternalError,
     InvalidParams,
@@ -47,9 +54,11 @@ from backends.base import (
     UnknownMethod,
     UnknownSimulator,
 )
+from backends.channel import CLOSE_CALL, receive_message, send_message
 from backends.task_specs import TASK_DIR_VARIABLE
+from backends.worker import SessionSimulator
 from server.catalogs import Catalog, CatalogError, open_catalogs
-from server.process import reuse_freed_memory
+from server.process import die_with_parent, reuse_freed_memory
 from server.settings import (
     SetupError,
     check_port,
@@ -60,11 +69,11 @@ from server.settings import (
     simulator_names,
     task_dir_setting,
 )
-from server.workers import SimulatorProcesses, Worker
+from server.workers import SIMULATOR_PROCESS_FLAG, SimulatorProcesses, Worker
 
 try:
     import zmq
-except ImportError:  # a simulator process under another Python (--python) needs only the codec
+except ImportError:  # a simulator process under another Python (--python) needs only the codec and the channel
     zmq = None
 if zmq is not None:
     from server.connections import BindError, ConnectionTracker, CurveAuth, bind_frontend, curve_problem, generate_keys
@@ -81,6 +90,8 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 SOCKET_HWM = 16
 # The longest the poll loop sleeps, so shutdown and reaping stay prompt.
 POLL_INTERVAL_S = 0.25
+# How often the loop looks whether a dead simulator's exit and last words are in.
+DEATH_POLL_S = 0.05
 # Reaping, the request rate and the dashboard's snapshot run once per tick.
 TICK_S = 1.0
 # ZMTP heartbeats free half-open connections: a frozen peer's routing id is released.
@@ -88,8 +99,6 @@ HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
 # Requests the loop takes from the frontend in one go before it looks at the workers again.
 FRONTEND_BATCH = 100
-# What a backend's get_info may add to the server's: the simulator stack and renderer in use.
-PROVENANCE_KEYS = ("simulator_stack", "renderer")
 
 
 def default_max_sessions() -> int:
@@ -554,8 +563,8 @@ class SimulatorServer:
             raise SetupError(str(error)) from None
         self.connections = ConnectionTracker(self.frontend)
         self.poller = zmq.Poller()
-        for socket in (self.frontend, self.connections.monitor):
-            self.poller.register(socket, zmq.POLLIN)
+        for polled in (self.frontend, self.connections.monitor):
+            self.poller.register(polled, zmq.POLLIN)
         self.dashboard = self._start_dashboard() if config.dashboard is not None else None
         self.dispatcher = Dispatcher(self)
         if self.dashboard is not None:
@@ -586,35 +595,52 @@ class SimulatorServer:
         return self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def serve_forever(self) -> None:
+        """The poll loop, until `stopping`; whatever ends it, every simulator is closed on the way out."""
         log.info("serving %s on %s (max %d simulator sessions)", ", ".join(self.catalogs), self.endpoint,
                  self.config.max_sessions)
-        next_tick = time.monotonic()
-        while not self.stopping:
-            ready = dict(self.poller.poll(self._poll_timeout_ms()))
-            if ready.get(self.connections.monitor) and self.connections.some_closed():
-                self._end_closed_connections()
-            if ready.get(self.frontend):
-                self._drain_frontend()
-            for fd in [fd for fd in ready if isinstance(fd, int)]:
-                session = self.sessions.of_worker(fd)
-                if session is not None:
-                    self.dispatcher.forward_reply(session)
-            self.dispatcher.expire_overdue_requests()
-            if time.monotonic() >= next_tick:
-                self._tick()
-                next_tick = time.monotonic() + TICK_S
-        self.shutdown()
+        try:
+            next_tick = time.monotonic()
+            while not self.stopping:
+                self._serve_ready(dict(self.poller.poll(self._poll_timeout_ms())))
+                self.dispatcher.expire_overdue_requests()
+                if time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + TICK_S
+        except BaseException:
+            log.exception("the poll loop stopped on an error; shutting down")
+            raise
+        finally:
+            self.shutdown()
 
-    def watch(self, worker: Worker) -> None:
-        """Poll a new simulator process's pipe for its replies."""
-        self.poller.register(worker.fileno(), zmq.POLLIN)
+    def _serve_ready(self, ready: Dict[Any, int]) -> None:
+        """One wake-up: closed connections, client requests, and each ready simulator channel."""
+        if ready.get(self.connections.monitor) and self.connections.some_closed():
+            self._end_closed_connections()
+        if ready.get(self.frontend):
+            self._drain_frontend()
+        for fd, events in ready.items():
+            session = self.sessions.of_worker(fd) if isinstance(fd, int) else None
+            if session is None:
+                continue
+            if events & zmq.POLLOUT:
+                self.dispatcher.write_call(session)
+            if events & zmq.POLLIN and session.worker is not None:
+                self.dispatcher.forward_reply(session)
+
+    def watch(self, worker: Worker, writing: bool = False) -> None:
+        """Poll a simulator process's channel for its replies (and, while a call is half written, for room)."""
+        self.poller.register(worker.fileno(), zmq.POLLIN | (zmq.POLLOUT if writing else 0))
+        worker.watched = True
 
     def unwatch(self, worker: Worker) -> None:
-        self.poller.unregister(worker.fileno())
+        if worker.watched:
+            self.poller.unregister(worker.fileno())
+            worker.watched = False
 
     def _poll_timeout_ms(self) -> int:
         deadlines = [s.pending.deadline for s in self.sessions if s.pending is not None]
-        timeout = min([POLL_INTERVAL_S] + [deadline - time.monotonic() for deadline in deadlines])
+        longest = DEATH_POLL_S if self.dispatcher.simulators.dying() else POLL_INTERVAL_S
+        timeout = min([longest] + [deadline - time.monotonic() for deadline in deadlines])
         return int(max(0.0, timeout) * 1000) + 1
 
     def _tick(self) -> None:
@@ -781,7 +807,16 @@ class Dispatcher:
             raise NoTaskLoaded(f"{request.method} needs a task: call load_task first")
         session.pending = Pending(envelope, request, time.monotonic() + self.simulators.timeout_s(request.method))
         try:
-            session.worker.submit(call_body(request))
+            if not session.worker.submit(call_body(request)):
+                self.server.watch(session.worker, writing=True)  # the rest when the channel has room
+        except OSError:
+            self.fail_simulator(session, self.simulators.died(session))
+
+    def write_call(self, session: Session) -> None:
+        """The channel has room: more of the call in hand; once it is all written, only replies are polled."""
+        try:
+            if session.worker.write_more():
+                self.server.watch(session.worker)
         except OSError:
             self.fail_simulator(session, self.simulators.died(session))
 
@@ -808,11 +843,16 @@ class Dispatcher:
         self.server.watch(self.simulators.start(session))
 
     def forward_reply(self, session: Session) -> None:
-        """The session's process answered: its reply goes to the client as it is."""
+        """The session's channel has bytes: once its process's whole reply is in, it goes to the
+        client as it is. A broken channel is a death, answered once its description is known
+        (expire_overdue_requests), without waiting here."""
         try:
             body = session.worker.read_reply()
         except (EOFError, OSError):
-            self.fail_simulator(session, self.simulators.died(session))
+            session.worker.died_at = time.monotonic()
+            self.server.unwatch(session.worker)
+            return
+        if body is None:
             return
         pending, session.pending = session.pending, None
         if pending is None:
@@ -855,9 +895,50 @@ class Dispatcher:
         log.info("session %s ended: %s", session.session_id, why)
 
 
+# --- the simulator process ----------------------------------------------------
+
+def simulator_reply(session: SessionSimulator, call: bytes) -> bytes:
+    """The reply body to one call from the loop: its result, or the typed error it raised."""
+    message = decode_call(call)
+    try:
+        return reply_body(message["request_id"], session.answer(message))
+    except SimulatorError as error:
+        return reply_body(message["request_id"], error)
+    except Exception as error:  # the simulator's own failure, reported, not fatal
+        log.error("simulator raised:\n%s", traceback.format_exc())
+        return reply_body(message["request_id"], BackendError(f"{type(error).__name__}: {error}"))
+
+
+def serve_simulator_process(argv: List[str]) -> int:
+    """`--simulator-process FD SIMULATOR SESSION_ID LOG_LEVEL`: answer the loop's calls on the channel
+    FD until the server closes it or sends CLOSE_CALL; die with the server."""
+    fd, simulator, session_id, log_level = argv
+    die_with_parent()
+    reuse_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes us
+    logging.basicConfig(level=log_level, format=f"%(asctime)s simulator {session_id} %(levelname)s %(message)s")
+    channel = socket.socket(fileno=int(fd))
+    session = SessionSimulator.of(simulator)
+    try:
+        while True:
+            try:
+                call = receive_message(channel)
+            except (EOFError, OSError):
+                break  # the server is gone
+            if call == CLOSE_CALL:
+                break
+            send_message(channel, simulator_reply(session, call))
+    finally:
+        session.close()
+    return 0
+
+
 # --- main --------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [SIMULATOR_PROCESS_FLAG]:
+        return serve_simulator_process(argv[1:])
     if zmq is None:
         print(f"sim_server: {sys.executable} has no pyzmq: pip install -r requirements.txt", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ cluster, or builds a venv from PyPI; `browser` opens headless Chromium. Waits ar
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -437,6 +438,66 @@ def test_hung_simulator_is_killed_after_step_timeout():
         assert "SIM_STEP_TIMEOUT_S" in reply["message"]
         assert wait_until(lambda: not pid_alive(pid))
         assert bystander.request("reset")["status"] == "ok"
+
+
+# x86-64's write, sendto and sendmsg: a process in one of them is writing its reply.
+WRITE_SYSCALLS = {"1", "44", "46"}
+
+
+def writing(pid: int) -> bool:
+    """Whether the process sits in a write system call now (/proc/PID/syscall)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as syscall:
+            return syscall.read().split(" ", 1)[0] in WRITE_SYSCALLS
+    except OSError:
+        return False
+
+
+def step_stopped_midway(stopped, bystander, pid: int, latest_s: float):
+    """`stopped` steps and its simulator gets SIGSTOP while it writes its reply (or at `latest_s`);
+    `bystander` steps meanwhile: (the stopped step's reply, the bystander's reply statuses)."""
+    statuses = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(stopped.request, "step", action=ZERO_ACTION)
+        wait_until(lambda: writing(pid), latest_s, interval_s=0.0005)
+        os.kill(pid, signal.SIGSTOP)
+        while not pending.done():  # the other session is served all along (a frozen loop never answers)
+            reply = bystander.request("step", action=ZERO_ACTION, timeout_ms=60_000)
+            statuses.append(reply["status"])
+            if reply.get("truncated") or reply.get("terminated"):
+                statuses.append(bystander.request("reset", timeout_ms=60_000)["status"])
+        return pending.result(), statuses
+
+
+@pytest.mark.slow
+def test_a_simulator_stopped_while_it_writes_a_large_reply_stalls_only_its_own_session():
+    """SIGSTOP while the simulator writes a reply (two 2048x2048 images, 25 MB) larger than the channel's
+    buffers, or at a random moment of the step when the write is missed: the loop reads replies as they come, so the other session keeps stepping, the
+    stopped step ends in its timeout error, the stopped process is killed and gone, the server serves on."""
+    rng = np.random.default_rng(11)
+    with running_server("mock", "--step-timeout", "4", env={"SIM_MOCK_IMAGE_SIZE": "2048"}) as server:
+        stopped, bystander = server.client(), server.client()
+        assert bystander.request("load_task", task_name="reach_floor")["status"] == "ok"
+        assert bystander.request("reset")["status"] == "ok"
+        timeouts = 0
+        for _ in range(4):
+            assert stopped.request("load_task", task_name="reach_center")["status"] == "ok"
+            assert stopped.request("reset")["status"] == "ok"
+            pid = stopped.request("get_info")["sim_pid"]
+            started = time.monotonic()
+            assert stopped.request("step", action=ZERO_ACTION)["status"] == "ok"
+            latest_s = rng.uniform(0.5, 1.0) * (time.monotonic() - started)
+            reply, statuses = step_stopped_midway(stopped, bystander, pid, latest_s)
+            assert statuses and set(statuses) == {"ok"}, statuses
+            if reply["status"] == "ok":  # it had written its whole reply before the stop
+                os.kill(pid, signal.SIGCONT)
+                continue
+            timeouts += 1
+            assert_error(reply, "backend_error")
+            assert "SIM_STEP_TIMEOUT_S" in reply["message"]
+            assert wait_until(lambda gone=pid: not pid_alive(gone)), f"stopped simulator {pid} is still there"
+        assert timeouts >= 1, "no stop landed before the end of a reply"
+        assert bystander.request("ping")["status"] == "ok"
 
 
 def test_idle_session_is_reaped_with_its_process():
@@ -1738,8 +1799,8 @@ class CheckingPolicy(base_policy.BasePolicy):
             raise RuntimeError("policy exploded on purpose")
         return {"actions": np.tile(np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]), (10, 1))}
 
-WebsocketPolicyServer(CheckingPolicy(), host="127.0.0.1", port=int(sys.argv[1]),
-                      metadata={"policy": "checking"}).serve_forever()
+metadata = {"policy": "checking", **(json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})}
+WebsocketPolicyServer(CheckingPolicy(), host="127.0.0.1", port=int(sys.argv[1]), metadata=metadata).serve_forever()
 '''
 
 
@@ -1798,6 +1859,31 @@ def test_openpi_policy_server_drives_libero_episodes_and_its_failure_fails_one_e
     assert episodes[1]["steps"] == 5  # the sixth call failed: one chunk of that episode ran first
     calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
     assert len(calls) == 6 and calls[0]["prompt"] == libero_suite(LIBERO_SUITE).get_task(0).language
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+def test_an_openpi_server_declaring_other_inputs_is_refused_before_any_episode(openpi_python, libero_server,
+                                                                                tmp_path):
+    port, script = free_port(), tmp_path / "serve_checking_policy.py"
+    script.write_text(OPENPI_POLICY_SERVER)
+    declared = {"expects": {"observation/state": [7], "observation/image": {"shape": [224, 224, 3],
+                                                                            "dtype": "uint8"}}}
+    policy_server = subprocess.Popen([openpi_python, str(script), str(port), str(tmp_path / "calls.jsonl"), "0",
+                                      json.dumps(declared)], stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: socket_accepts(port), 60)
+        task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+        result = run_eval_cli("--address", libero_server.address, "--tasks", task, "--policy",
+                              f"openpi://127.0.0.1:{port}", "--load-option", "camera_width=64", "--load-option",
+                              "camera_height=64", "--results", str(tmp_path / "r.json"), timeout=600)
+    finally:
+        policy_server.kill()
+        policy_server.wait()
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "expects 'observation/state' of shape [7], the openpi convention sends [8]" in result.stderr
+    assert "observation/image" not in result.stderr  # 224x224x3 uint8: what openpi's loop sends
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "calls.jsonl").exists()  # no inference call
 
 
 def socket_accepts(port: int) -> bool:
@@ -2693,7 +2779,7 @@ def failing_interpreter(tmp_path, when: str) -> str:
 
 def test_a_missing_or_broken_interpreter_answers_backend_error_with_its_stderr(tmp_path):
     broken_catalog = failing_interpreter(tmp_path, "backends.catalog")
-    broken_worker = failing_interpreter(tmp_path, "backends.worker")
+    broken_worker = failing_interpreter(tmp_path, "sim_server")
     with running_server("mock,gymnasium,robosuite", "--python", "gymnasium=/nonexistent/bin/python",
                         "--python", f"robosuite={broken_catalog}") as server:
         for simulator, words in (("gymnasium", "/nonexistent/bin/python"), ("robosuite", "this interpreter is broken")):

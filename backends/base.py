@@ -221,6 +221,8 @@ class SimulatorBackend(abc.ABC):
 # What every task_info and every step's info carry beside the seed protocol's fields (the episode contract).
 CONTRACT_TASK_INFO_KEYS = ("has_success", "control_hz", "conventions", "images_rotated_180")
 CONTRACT_STEP_INFO_KEYS = ("success", "step")
+# What a backend's get_info adds to every task_info and to the server's get_info: the stack and renderer in use.
+PROVENANCE_KEYS = ("simulator_stack", "renderer")
 
 
 def array_spec(shape, dtype, low=None, high=None) -> Dict[str, Any]:

@@ -1,35 +1,23 @@
-"""A simulator process: one backend for one session, answering the server's checked calls.
+"""The episode logic of a simulator process: one backend for one session, answering checked calls.
 
-    python -m backends.worker FD SIMULATOR SESSION_ID LOG_LEVEL    # started by sim_server.py
-
-The server's loop decodes and checks every client request once. This process gets the checked
-call (method, request_id and typed fields) on its end of a socket pair, runs it on its backend,
-and writes back the reply body, which the loop forwards to the client unchanged. It keeps the
-episode lifecycle the protocol promises (no_task_loaded, not_reset) and runs action chunks.
-
-It needs numpy and msgpack only (plus its simulator), so it runs under any interpreter given
-with --python, and it dies with the server.
+The server's loop decodes and checks every client request once and hands the call (method,
+request_id and typed fields) to the session's simulator process, which is the spine's other mode
+(`python sim_server.py --simulator-process ...`: the codec stays in one file). That process hands
+each decoded call to `SessionSimulator.answer` here, which keeps the episode lifecycle the
+protocol promises (no_task_loaded, not_reset) and runs action chunks: a call in, a result map or a
+SimulatorError out. Only backends/ is imported, so it runs under any interpreter given with
+--python.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import multiprocessing.connection
-import signal
-import sys
-import traceback
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from backends import get_backend
-from backends.base import BackendError, InvalidParams, NoTaskLoaded, NotReset, SimulatorBackend, SimulatorError
-from server.process import die_with_parent, reuse_freed_memory
-from server.workers import CLOSE_CALL
-from sim_server import PROVENANCE_KEYS, decode_call, reply_body
-
-log = logging.getLogger("sim_server.worker")
+from backends.base import PROVENANCE_KEYS, InvalidParams, NoTaskLoaded, NotReset, SimulatorBackend
 
 # Longest action chunk one step may carry (openpi replans every 5 of 10 or 50).
 MAX_CHUNK = 256
@@ -46,18 +34,13 @@ class SessionSimulator:
         self.observation_keys: List[str] = []  # from the task's observation_spec
         self.provenance: Optional[Dict[str, Any]] = None  # this process's versions, read at the first load_task
 
-    def handle(self, call: bytes) -> bytes:
-        """The reply body to one call: its result, or the typed error it raised."""
-        message = decode_call(call)
-        try:
-            return reply_body(message["request_id"], self.answer(message))
-        except SimulatorError as error:
-            return reply_body(message["request_id"], error)
-        except Exception as error:  # the simulator's own failure, reported, not fatal
-            log.error("simulator raised:\n%s", traceback.format_exc())
-            return reply_body(message["request_id"], BackendError(f"{type(error).__name__}: {error}"))
+    @classmethod
+    def of(cls, simulator: str) -> SessionSimulator:
+        """A new session's simulator: the registered backend `simulator`, not yet loaded."""
+        return cls(get_backend(simulator)())
 
     def answer(self, call: Dict[str, Any]) -> Dict[str, Any]:
+        """The result of one decoded call (load_task, reset or step); raises its SimulatorError."""
         method = call["method"]
         if method == "load_task":
             return {"task_info": self.load_task(call["task_name"], call["options"])}
@@ -137,37 +120,10 @@ class SessionSimulator:
                 "truncated": bool(truncated), "info": info}
 
 
+    def close(self) -> None:
+        self.backend.close()
+
+
 def stacked_frames(replies: List[Dict[str, Any]], frame_key: str) -> np.ndarray:
     """`frame_key`'s observation of every step, stacked."""
     return np.stack([reply["observation"][frame_key] for reply in replies])
-
-
-def serve(fd: int, simulator: str) -> None:
-    """Answer calls from the socket `fd` until the server closes it or sends CLOSE_CALL."""
-    connection = multiprocessing.connection.Connection(fd)
-    session = SessionSimulator(get_backend(simulator)())
-    try:
-        while True:
-            try:
-                call = connection.recv_bytes()
-            except (EOFError, OSError):
-                break  # the server is gone
-            if call == CLOSE_CALL:
-                break
-            connection.send_bytes(session.handle(call))
-    finally:
-        session.backend.close()
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    fd, simulator, session_id, log_level = sys.argv[1:] if argv is None else argv
-    die_with_parent()
-    reuse_freed_memory()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes us
-    logging.basicConfig(level=log_level, format=f"%(asctime)s worker {session_id} %(levelname)s %(message)s")
-    serve(int(fd), simulator)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

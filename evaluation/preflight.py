@@ -133,17 +133,22 @@ def check_policy(sim: SimulatorClient, simulator: str, task: str, policy: Policy
         raise SetupError(options_problem(str(error), load_options)) from None
     observation, _ = reset_episode(sim, task_info, 0)
     inputs = policy_inputs(simulator, task, task_info, observation)
-    problems = []
-    if policy.expects is not None:
-        problems += input_problems(policy.expects, policy.inputs_of(observation, task_info), inputs.convention)
+    if policy.expects is not None:  # a policy that declares other inputs is not called at all
+        try:
+            given = policy.inputs_of(observation, task_info)
+        except KeyError as error:
+            raise SetupError(f"{policy.name} needs the observation key {error} ({task} under the "
+                             f"{inputs.convention} convention sends {', '.join(sorted(observation))})") from None
+        mismatches = input_problems(policy.expects, given, inputs.convention)
+        if mismatches:
+            raise SetupError(f"the policy does not fit {task} (nothing was run): " + "; ".join(mismatches))
     try:
         policy.reset(task_info)
         action = policy.act(observation, task_info)
     except PolicyError as error:
         raise SetupError(f"the policy failed on {task}'s first observation: "
                          f"{str(error).strip().splitlines()[-1]}") from None
-    action_issues, outside = action_problems(action, task_info)
-    problems += action_issues
+    problems, outside = action_problems(action, task_info)
     if not problems:
         problems += step_problem(sim, clipped(action, task_info["action_spec"]) if clip_actions else action)
     if problems:

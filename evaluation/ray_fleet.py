@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import ray
 
 import sim_client
-from server.workers import StderrRelay
+from server.process import StderrRelay
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_START_TIMEOUT_S = 300.0  # a LIBERO server imports and probes its renderer first
@@ -91,6 +91,7 @@ class SimServerActor:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stderr.thread.join(timeout=1.0)  # its last lines
                 last_line = (self.stderr.tail().splitlines() or ["(no output)"])[-1]
                 raise RuntimeError(f"sim_server.py exited with code {self.process.returncode} while starting: "
                                    f"{last_line}")

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from backends.base import BackendError, TaskNotFound
 from backends.catalog import catalog_snapshot
 from backends.task_specs import CUSTOM_SUITE, TASK_DIR_VARIABLE, Registry, TaskFolder
+from server.process import stderr_tail
 
 log = logging.getLogger("sim_server")
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,18 +26,10 @@ INSTALLED = os.path.basename(HERE) in ("site-packages", "dist-packages")
 PROCESS_CWD = tempfile.gettempdir() if INSTALLED else HERE
 # Reading a catalog imports the simulator and probes its renderer: seconds, not minutes.
 CATALOG_TIMEOUT_S = 180.0
-# How much of a failed interpreter's stderr an error reply quotes.
-STDERR_TAIL_CHARS = 1500
 
 
 class CatalogError(Exception):
     """This Python cannot serve a simulator it was asked to: the server does not start."""
-
-
-def stderr_tail(text: str) -> str:
-    """The end of a process's stderr, short enough for an error message."""
-    text = text.strip()
-    return text if len(text) <= STDERR_TAIL_CHARS else "..." + text[-STDERR_TAIL_CHARS:]
 
 
 class Catalog:

@@ -1,4 +1,5 @@
-"""Process plumbing shared by the server, its simulator processes and the Ray launcher.
+"""Process plumbing shared by the server, its simulator processes and the Ray launcher: dying with
+the parent, reusing freed memory, and relaying a child's stderr.
 
 Standard library only: a simulator process under another interpreter (--python) imports it too.
 """
@@ -8,6 +9,12 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
+import threading
+from collections import deque
+
+# How much of a failed process's stderr an error message quotes.
+STDERR_TAIL_CHARS = 1500
 
 # glibc serves allocations above 128 KiB with fresh mmaps and unmaps them on free, so every
 # observation-sized buffer (encode, pipe read) faulted its pages in anew: 3.8x the mock's
@@ -39,3 +46,31 @@ def die_with_parent(how: signal.Signals = signal.SIGKILL, parent_pid: int = 0) -
         pass  # not Linux: a simulator process still ends on its pipe's EOF
     if parent_pid and os.getppid() != parent_pid:
         os._exit(0)
+
+
+def stderr_tail(text: str) -> str:
+    """The end of a process's stderr, short enough for an error message."""
+    text = text.strip()
+    return text if len(text) <= STDERR_TAIL_CHARS else "..." + text[-STDERR_TAIL_CHARS:]
+
+
+class StderrRelay:
+    """Copies a process's stderr to ours, line by line, keeping the last lines so that a process that
+    dies can be explained."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.lines: deque = deque(maxlen=30)
+        self.thread = threading.Thread(target=self._relay, name="child-stderr", daemon=True)
+        self.thread.start()
+
+    def _relay(self) -> None:
+        with self.pipe:
+            for raw in iter(self.pipe.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                self.lines.append(line)
+                sys.stderr.write(line)
+
+    def tail(self) -> str:
+        """The last lines written so far (the relay ends with the process's stderr)."""
+        return stderr_tail("".join(self.lines))

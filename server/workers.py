@@ -1,10 +1,12 @@
 """Simulator processes as the server sees them: start one, hand it a call, read its reply, time it,
 close it.
 
-A simulator process is `INTERPRETER -m backends.worker ...` (backends/worker.py) on one end of a
-socket pair; `Worker` holds the other end, and the poll loop polls `Worker.fileno()`.
-`SimulatorProcesses` keeps the rules over all of them: the session limit, fresh processes after
-task switches, deadlines, graceful closing. Sessions are sim_server.py's `Session` objects.
+A simulator process is `INTERPRETER -m sim_server --simulator-process ...` (the spine's other
+mode) on one end of a socket pair; `Worker` holds the other end, non-blocking, and the poll loop
+polls `Worker.fileno()`: a reply is read as it arrives and a call written as the socket takes it
+(backends/channel.py), so the loop never waits on a simulator. `SimulatorProcesses` keeps the
+rules over all of them: the session limit, fresh processes after task switches, deadlines,
+graceful closing, and killing without waiting. Sessions are sim_server.py's `Session` objects.
 """
 
 from __future__ import annotations
@@ -13,62 +15,39 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
-import sys
-import threading
 import time
-from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
 
 from backends.base import BackendError, ServerBusy
-from server.catalogs import PROCESS_CWD, Catalog, stderr_tail
+from backends.channel import CLOSE_CALL, IncomingMessage, OutgoingMessage
+from server.catalogs import PROCESS_CWD, Catalog
+from server.process import StderrRelay
 
 log = logging.getLogger("sim_server")
 
+# The flag that starts sim_server.py as a simulator process.
+SIMULATOR_PROCESS_FLAG = "--simulator-process"
 # A whole LIBERO reply fits in the socket buffers: no ping-pong between the process and the loop.
 PIPE_BUFFER_BYTES = 4 * 1024 * 1024
-# A zero-length call on the pipe means "close your simulator and exit".
-CLOSE_CALL = b""
 # Seconds a closing simulator process gets to free its simulator before it is killed.
 CLOSE_GRACE_S = 5.0
+# How long a dead process's exit status and last stderr lines are waited for before its session is
+# answered with what is known by then (the loop goes on meanwhile).
+DEATH_REPORT_S = 1.0
+# A killed process that has not exited after this long (stuck in the kernel) is logged, and reaped later.
+KILL_REPORT_S = 10.0
 # robosuite/LIBERO leak memory and GL contexts across env close: a session that switches
 # tasks gets a fresh simulator process after this many task switches.
 MAX_TASKS_PER_WORKER = 8
 
 
-def frame_header(size: int) -> bytes:
-    """multiprocessing.connection's length prefix, which backends/worker.py reads with Connection."""
-    return struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
-
-
-class StderrRelay:
-    """Copies a process's stderr to the server's, line by line, keeping the last lines so that a
-    process that dies can be explained to its client."""
-
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        self.lines: deque = deque(maxlen=30)
-        self.thread = threading.Thread(target=self._relay, name="worker-stderr", daemon=True)
-        self.thread.start()
-
-    def _relay(self) -> None:
-        with self.pipe:
-            for raw in iter(self.pipe.readline, b""):
-                line = raw.decode("utf-8", "replace")
-                self.lines.append(line)
-                sys.stderr.write(line)
-
-    def tail(self) -> str:
-        """The last lines written, after waiting briefly for the rest of a dead process's output."""
-        self.thread.join(timeout=1.0)
-        return stderr_tail("".join(self.lines))
-
-
 class Worker:
-    """One simulator process: its pipe, its stderr and its exit.
+    """One simulator process: its channel, its stderr and its exit.
 
     Started fresh under the simulator's interpreter (no fork: EGL state must not be inherited).
+    No method waits on the process: `kill` sends SIGKILL and returns, `finished` tells whether it
+    is gone, and a death is described only once its exit and last words are in (`death_known`).
     """
 
     def __init__(self, catalog: Catalog, session_id: str, log_level: str, env: Dict[str, str]) -> None:
@@ -78,8 +57,8 @@ class Worker:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIPE_BUFFER_BYTES)
         try:
             self.process = subprocess.Popen(
-                [catalog.interpreter, "-m", "backends.worker", str(worker_end.fileno()), catalog.simulator,
-                 session_id, log_level],
+                [catalog.interpreter, "-m", "sim_server", SIMULATOR_PROCESS_FLAG, str(worker_end.fileno()),
+                 catalog.simulator, session_id, log_level],
                 pass_fds=[worker_end.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                 cwd=PROCESS_CWD)
         except OSError as error:
@@ -88,69 +67,88 @@ class Worker:
                                f"{error}") from None
         finally:
             worker_end.close()  # so the process's death reads as EOF here
+        parent_end.setblocking(False)
         self.pipe = parent_end
+        self.fd = parent_end.fileno()  # kept after close: the session table's and the poller's key
+        self.watched = False  # whether the loop polls it (set by the loop)
         self.stderr = StderrRelay(self.process.stderr)
         self.pid = self.process.pid
+        self.incoming = IncomingMessage()
+        self.outgoing: Optional[OutgoingMessage] = None
         self.close_deadline: Optional[float] = None
+        self.killed_at: Optional[float] = None
+        self.died_at: Optional[float] = None  # when its channel broke (EOF): a death to report
         self.task_switches = 0
 
     def fileno(self) -> int:
-        return self.pipe.fileno()
+        return self.fd
 
-    def submit(self, call: bytes) -> None:
-        """Hand a call to the simulator; OSError when the process is gone."""
-        self.pipe.sendall(frame_header(len(call)) + call)
+    def submit(self, call: bytes) -> bool:
+        """Start handing a call to the simulator; True when it was all written, else the loop calls
+        `write_more` when the channel is writable. OSError when the process is gone."""
+        self.outgoing = OutgoingMessage(call)
+        return self.write_more()
 
-    def read_reply(self) -> bytearray:
-        """The simulator's reply body, read straight into one buffer (multiprocessing's reader
-        copies a reply three times); EOFError or OSError when the process died."""
-        size = struct.unpack("!i", self._read_exactly(4))[0]
-        if size == -1:
-            size = struct.unpack("!Q", self._read_exactly(8))[0]
-        return self._read_exactly(size)
+    def write_more(self) -> bool:
+        """Write more of the call in hand; True once it is all written."""
+        if self.outgoing is None or self.outgoing.write_to(self.pipe):
+            self.outgoing = None
+            return True
+        return False
 
-    def _read_exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
-        while got < size:
-            count = self.pipe.recv_into(view[got:])
-            if count == 0:
-                raise EOFError("the simulator process closed its pipe")
-            got += count
-        return buffer
+    def read_reply(self) -> Optional[bytearray]:
+        """What the channel holds now: the whole reply body once it has come, else None. EOFError or
+        OSError when the process died."""
+        body = self.incoming.read_from(self.pipe)
+        if body is not None:
+            self.incoming = IncomingMessage()
+        return body
 
     def begin_close(self) -> None:
         """Ask the process to close its simulator; finished() enforces the grace period."""
         self.close_deadline = time.monotonic() + CLOSE_GRACE_S
         try:
-            self.submit(CLOSE_CALL)
+            if not self.submit(CLOSE_CALL):
+                self.kill()  # it does not even read: it will not close by itself
         except OSError:
             pass  # already gone
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=5)
+        """SIGKILL, without waiting for the exit (finished() reaps it); never raises."""
+        if self.killed_at is None:
+            self.killed_at = time.monotonic()
+            try:
+                self.process.kill()
+            except OSError:
+                pass  # already reaped
         self.pipe.close()
 
     def finished(self) -> bool:
-        """True once the process exited (reaped) or was killed after its grace period."""
+        """True once the process exited (reaped); kills it after its grace period. A killed process
+        that does not exit (stuck in the kernel) is logged once and stays here to be reaped later."""
         if self.process.poll() is not None:
             self.pipe.close()
             return True
-        if self.close_deadline is not None and time.monotonic() > self.close_deadline:
+        now = time.monotonic()
+        if self.killed_at is None and self.close_deadline is not None and now > self.close_deadline:
             log.warning("simulator process %s did not close in %.0f s; killing it", self.pid, CLOSE_GRACE_S)
             self.kill()
-            return True
+        elif self.killed_at is not None and now > self.killed_at + KILL_REPORT_S:
+            log.error("simulator process %s has not exited %.0f s after SIGKILL (stuck in the kernel?); it "
+                      "is reaped when it does", self.pid, KILL_REPORT_S)
+            self.killed_at = float("inf")  # said once
         return False
 
+    def death_known(self) -> bool:
+        """Whether its exit status and last stderr lines are in, or DEATH_REPORT_S has passed."""
+        exited = self.process.poll() is not None and not self.stderr.thread.is_alive()
+        return exited or time.monotonic() > (self.died_at or 0.0) + DEATH_REPORT_S
+
     def death_description(self) -> str:
-        """How the process ended, and the last lines it wrote to stderr."""
-        try:
-            code = self.process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            code = None
-        how = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        """How the process ended, and the last lines it wrote to stderr (what is known now)."""
+        code = self.process.poll()
+        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else
+               f"exit code {code}" if code is not None else "no exit status yet")
         tail = self.stderr.tail()
         return f"{how}; its stderr ends: {tail}" if tail else how
 
@@ -225,29 +223,45 @@ class SimulatorProcesses:
         return BackendError(f"simulator process {worker.pid} died ({worker.death_description()})")
 
     def overdue(self) -> List[Tuple[Any, BackendError]]:
-        """Sessions whose running request passed its deadline, each with the error to answer."""
+        """Sessions whose simulator died (once its death is known) or whose running request passed
+        its deadline, each with the error to answer."""
         now, late = time.monotonic(), []
         for session in self.sessions:
-            if session.pending is not None and now > session.pending.deadline and session.worker is not None:
+            worker = session.worker
+            if worker is None:
+                continue
+            if worker.died_at is not None:
+                if worker.death_known():
+                    late.append((session, self.died(session)))
+            elif session.pending is not None and now > session.pending.deadline:
                 method = session.pending.request.method
                 limit = "SIM_LOAD_TIMEOUT_S" if method == "load_task" else "SIM_STEP_TIMEOUT_S"
                 late.append((session, BackendError(f"{method} overran {limit}; simulator process "
-                                                   f"{session.worker.pid} was killed")))
+                                                   f"{worker.pid} was killed")))
         return late
 
+    def dying(self) -> bool:
+        """Whether a dead process's description is being waited for (the loop then polls briefly)."""
+        return any(s.worker is not None and s.worker.died_at is not None for s in self.sessions)
+
     def retire(self, worker: Worker, kill: bool) -> None:
-        """Close a process the loop no longer polls: at once when `kill`, else in its own time."""
+        """Close a process the loop no longer polls: at once when `kill`, else in its own time. Either
+        way it stays listed until it has exited."""
         if kill:
             worker.kill()
         else:
             worker.begin_close()
-            self.closing.append(worker)
+        self.closing.append(worker)
 
     def finish_closing(self) -> None:
         self.closing = [worker for worker in self.closing if not worker.finished()]
 
-    def close_all(self) -> None:
-        """Wait for (or kill, after their grace period) every closing process."""
-        while self.closing:
+    def close_all(self, wait_s: float = CLOSE_GRACE_S + 1.0) -> None:
+        """Wait for (or kill, after their grace period) every closing process, at most `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while self.closing and time.monotonic() < deadline:
             self.finish_closing()
             time.sleep(0.05)
+        for worker in self.closing:
+            worker.kill()
+            log.error("simulator process %s had not exited when the server stopped", worker.pid)
