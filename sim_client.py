@@ -220,6 +220,8 @@ class SimulatorClient:
                                         else first_contact_timeout_s)
         self._first_contact: Optional[float] = None  # when the first call went out
         self._answered = False  # whether anything ever came back from the address
+        self._connected = False  # whether a TCP connection to it was ever made (the socket monitor's word)
+        self._monitor: Optional[zmq.Socket] = None
         self.load_timeout_s = load_timeout_s if load_timeout_s is not None else max(timeout_s, 300.0)
         self._curve = _load_curve_keys(server_key, client_key)
         self.retries = retries
@@ -245,11 +247,27 @@ class SimulatorClient:
             self._socket.curve_serverkey = server_public
             self._socket.curve_publickey = client_public
             self._socket.curve_secretkey = client_secret
+        if not self._connected:  # until a connection is seen, the monitor tells "nobody there" from "flaky"
+            self._monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED)
         self._socket.connect(self.address)
 
     def _reconnect(self) -> None:
+        self._stop_monitor()
         self._socket.close(linger=0)
         self._connect()
+
+    def _seen_connected(self) -> bool:
+        """Whether a connection was ever made; the monitor is read here and closed once it said so."""
+        if not self._connected and self._monitor is not None and self._monitor.poll(0):
+            self._connected = True
+            self._stop_monitor()
+        return self._connected
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def new_session(self) -> None:
         """Leave the current session to the server's reaper and start a new one."""
@@ -291,6 +309,8 @@ class SimulatorClient:
                 raise
             except ServerTimeout:
                 if attempt == retries:
+                    if not self._answered:  # every retry spent, and nothing ever answered
+                        self._unreachable()
                     raise
         if reply.get("status") != "ok":
             error_type = str(reply.get("error_type", ""))
@@ -319,7 +339,11 @@ class SimulatorClient:
                 unanswered_ping = None
 
     def _check_first_contact(self) -> None:
-        if not self._answered and time.monotonic() >= self._first_contact + self.first_contact_timeout_s:
+        """Nothing ever answered: "unreachable" at once when no connection was ever made either; a
+        connection that was made but cut (a flaky link) gets the retries asked for instead."""
+        if self._answered or time.monotonic() < self._first_contact + self.first_contact_timeout_s:
+            return
+        if not self._seen_connected():
             self._unreachable()
 
     def _receive(self, wait_s: float) -> Optional[Dict[str, Any]]:
@@ -327,7 +351,9 @@ class SimulatorClient:
         if not self._socket.poll(int(wait_s * 1000) + 1, zmq.POLLIN):
             return None
         reply = decode(self._socket.recv_multipart()[-1])
-        self._answered = True
+        if not self._answered:
+            self._answered = self._connected = True
+            self._stop_monitor()
         return reply if isinstance(reply, dict) else {}
 
     def _check_liveness(self, method: str, unanswered_ping: Optional[int], waited_s: float,
@@ -349,14 +375,17 @@ class SimulatorClient:
             self._give_up(method, self.timeout_s, " (could not even send it)")
 
     def _unreachable(self) -> None:
+        how = (f"in {self.retries + 1} tries of {self.timeout_s:g} s (connections were made, then cut or "
+               "refused)" if self._connected else f"in {self.first_contact_timeout_s:g} s")
         self._reconnect()
         keys = (", or does the server refuse our CURVE keys (server_key, and is our public key listed there)"
                 if self._curve is not None else "")
         raise ServerUnreachable(
-            f"nothing has answered at {self.address} in {self.first_contact_timeout_s:g} s: is sim_server.py "
-            f"running there, are the host and port right (tcp://HOST:PORT), does a firewall block the port{keys}?")
+            f"nothing has answered at {self.address} {how}: is sim_server.py running there, are the host and "
+            f"port right (tcp://HOST:PORT), does a firewall block the port{keys}?")
 
     def _give_up(self, method: str, waited_s: float, detail: str) -> None:
+        self._seen_connected()
         self._reconnect()
         keys = (" or it refused our CURVE keys (check server_key, and that the server lists our public key)"
                 if self._curve is not None else "")
@@ -450,6 +479,7 @@ class SimulatorClient:
         """Close the socket without a word to the server, which reaps the session when it idles;
         for a server that stopped answering. Safe to call twice."""
         if self._socket is not None:
+            self._stop_monitor()
             self._socket.close(linger=0)
             self._socket = None
 

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -472,8 +473,9 @@ def step_stopped_midway(stopped, bystander, pid: int, latest_s: float):
 @pytest.mark.slow
 def test_a_simulator_stopped_while_it_writes_a_large_reply_stalls_only_its_own_session():
     """SIGSTOP while the simulator writes a reply (two 2048x2048 images, 25 MB) larger than the channel's
-    buffers, or at a random moment of the step when the write is missed: the loop reads replies as they come, so the other session keeps stepping, the
-    stopped step ends in its timeout error, the stopped process is killed and gone, the server serves on."""
+    buffers, or at a random moment of the step when the write is missed: the loop reads replies as they
+    come, so the other session keeps stepping, the stopped step ends in its timeout error, the stopped
+    process is killed and gone, the server serves on."""
     rng = np.random.default_rng(11)
     with running_server("mock", "--step-timeout", "4", env={"SIM_MOCK_IMAGE_SIZE": "2048"}) as server:
         stopped, bystander = server.client(), server.client()
@@ -890,6 +892,71 @@ def test_client_says_soon_and_clearly_when_nothing_ever_answered():
     with pytest.raises(sim_client.ServerTimeout):  # ServerUnreachable is a ServerTimeout
         sim.ping()
     sim.disconnect()
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback that cuts the first `cuts` connections as soon as they are made (a flaky
+    link), then forwards every later one to `target`."""
+
+    def __init__(self, target: str, cuts: int) -> None:
+        self.target = urlsplit(target.replace("tcp://", "http://"))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.cuts, self.cut = cuts, 0
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut < self.cuts:
+                self.cut += 1
+                client.close()
+                continue
+            server = socket.create_connection((self.target.hostname, self.target.port))
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.running = False
+        self.listener.close()
+
+
+def test_first_contact_through_a_link_that_cuts_its_first_connections_honours_the_retries(mock_server):
+    """The link cuts connections for longer than the first-contact bound: since connections were made,
+    that is no "unreachable", and the call rides through on its retries."""
+    proxy = CuttingProxy(mock_server.address, cuts=25)
+    sim = sim_client.SimulatorClient(proxy.address, timeout_s=1.0, retries=8)
+    try:
+        assert sim.load_task("reach_center")["max_episode_steps"] > 0
+        assert proxy.cut == 25
+    finally:
+        sim.close()
+        proxy.close()
+
+
+def test_a_link_that_cuts_every_connection_is_unreachable_once_the_retries_are_spent(mock_server):
+    proxy = CuttingProxy(mock_server.address, cuts=10**9)
+    sim = sim_client.SimulatorClient(proxy.address, timeout_s=1.0, retries=2)
+    try:
+        with pytest.raises(sim_client.ServerUnreachable, match=r"in 3 tries of 1 s \(connections were made"):
+            sim.ping()
+        assert proxy.cut > 0
+    finally:
+        sim.close()
+        proxy.close()
 
 
 def test_a_server_that_answered_once_keeps_the_liveness_rules(mock_server):
