@@ -1,4 +1,4 @@
-"""Test harness shared by test_sim.py, soak_sim.py and bench_sim.py: real server processes on
+"""Test harness shared by the tests (test_sim.py, tests/), soak_sim.py and bench_sim.py: real server processes on
 loopback, a raw protocol client, process helpers and LIBERO in-process as a reference.
 
 Nothing here is product code; no product script imports it.

@@ -810,7 +810,7 @@ class Dispatcher:
             if not session.worker.submit(call_body(request)):
                 self.server.watch(session.worker, writing=True)  # the rest when the channel has room
         except OSError:
-            self.fail_simulator(session, self.simulators.died(session))
+            self._simulator_gone(session)
 
     def write_call(self, session: Session) -> None:
         """The channel has room: more of the call in hand; once it is all written, only replies are polled."""
@@ -818,7 +818,13 @@ class Dispatcher:
             if session.worker.write_more():
                 self.server.watch(session.worker)
         except OSError:
-            self.fail_simulator(session, self.simulators.died(session))
+            self._simulator_gone(session)
+
+    def _simulator_gone(self, session: Session) -> None:
+        """The session's channel broke: a death, answered once its description is known
+        (expire_overdue_requests), without waiting here."""
+        session.worker.died_at = time.monotonic()
+        self.server.unwatch(session.worker)
 
     def _answered_as_a_retry(self, session: Session, envelope: List[bytes], request: Request) -> bool:
         """A re-sent request_id is answered once, from the running or the last reply: never run twice."""
@@ -844,13 +850,11 @@ class Dispatcher:
 
     def forward_reply(self, session: Session) -> None:
         """The session's channel has bytes: once its process's whole reply is in, it goes to the
-        client as it is. A broken channel is a death, answered once its description is known
-        (expire_overdue_requests), without waiting here."""
+        client as it is."""
         try:
             body = session.worker.read_reply()
         except (EOFError, OSError):
-            session.worker.died_at = time.monotonic()
-            self.server.unwatch(session.worker)
+            self._simulator_gone(session)
             return
         if body is None:
             return
