@@ -106,7 +106,7 @@ def parser(prog: str = "sim_eval.py") -> argparse.ArgumentParser:
     parser.add_argument("--replan-steps", type=int, default=DEFAULT_REPLAN_STEPS,
                         help="openpi://: actions of each returned chunk run before asking again")
     parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
-                        help="seconds an episode waits for a batched or openpi:// policy's action before it fails "
+                        help="seconds an episode waits for the policy's action (or its reset) before it fails "
                              "as policy_timeout")
     ray_flags = parser.add_argument_group("servers started by Ray (pip install -r requirements-ray.txt)")
     ray_flags.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
@@ -408,7 +408,7 @@ def evaluate(args: argparse.Namespace, policy: Policy, tasks: List[str], load_op
         addresses=addresses, tasks=tasks, episodes=args.episodes, parallel=args.parallel, results_path=args.results,
         load_options=load_options, timeout_s=args.timeout, videos=videos, keep_thumbnails=bool(args.report),
         force=args.force, client_options=client_options, record_actions=not args.no_actions,
-        policy_inputs=inputs.as_json())
+        policy_inputs=inputs.as_json(), policy_timeout_s=args.policy_timeout)
     started = time.monotonic()
     evaluation = Evaluation(settings, policy, address_source)
     results = evaluation.run()

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -85,6 +85,8 @@ class Policy:
             return
         try:
             self._reset(task_info)
+        except PolicyError:
+            raise
         except Exception:
             raise PolicyError(traceback.format_exc()) from None
 
@@ -157,9 +159,24 @@ def load_policy(spec: str, batch_size: int = 1, batch_wait_ms: float = DEFAULT_B
         raise SetupError(f"--policy {spec!r}: {module_name} has no callable {attribute!r}")
     reset = getattr(target, "reset", None)
     reset_hook = (lambda task_info: reset()) if callable(reset) else getattr(module, "reset", None)
-    act = PolicyBatcher(target, batch_size, batch_wait_ms, timeout_s) if batch_size > 1 else target
-    return Policy(act, reset_hook if callable(reset_hook) else None, name=spec,
-                  convention=declared_convention(module, spec), expects=declared_inputs(module, target, spec))
+    reset_hook = reset_hook if callable(reset_hook) else None
+    if batch_size > 1:
+        act = PolicyBatcher(target, batch_size, batch_wait_ms, timeout_s)
+    else:
+        act = timed(target, TimedCalls(timeout_s))
+        reset_hook = timed(reset_hook, act.calls) if reset_hook is not None else None
+    return Policy(act, reset_hook, name=spec, convention=declared_convention(module, spec),
+                  expects=declared_inputs(module, target, spec))
+
+
+def timed(function: Callable, calls: TimedCalls) -> Callable:
+    """`function` run through `calls` (its time bounded), keeping its name for messages."""
+    def bounded(*args: Any) -> Any:
+        return calls.call(function, *args)
+
+    bounded.__name__ = getattr(function, "__name__", "policy")
+    bounded.calls = calls  # type: ignore[attr-defined]
+    return bounded
 
 
 def declared_convention(module: Any, spec: str) -> Optional[str]:
@@ -179,6 +196,61 @@ def declared_inputs(module: Any, target: Any, spec: str) -> Optional[Dict[str, D
             if declared is not None and not callable(declared):
                 return normalized_expectations(declared, f"--policy {spec!r}: {name}")
     return None
+
+
+class TimedCalls:
+    """A plain policy's calls (act and reset) bounded by --policy-timeout: each session thread hands
+    its calls to a helper thread of its own (so a policy sees one thread per session, as before) and
+    waits at most `timeout_s`. A call that overruns fails its episode with policy_timeout; its helper,
+    which cannot be killed, is left to finish and the next call gets a new one."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.local = threading.local()
+
+    def call(self, function: Callable, *args: Any) -> Any:
+        helper = getattr(self.local, "helper", None)
+        if helper is None:
+            helper = self.local.helper = _Helper()
+        slot = helper.submit(function, args)
+        if not slot.done.wait(self.timeout_s):
+            self.local.helper = None  # it is stuck in the policy: the next call gets a fresh helper
+            name = getattr(function, "__name__", "the policy")
+            raise PolicyTimeout(f"the policy's {name} gave no answer within {self.timeout_s:g} s (--policy-timeout)")
+        if slot.error is not None:
+            raise PolicyError(slot.error)
+        return slot.action
+
+
+@dataclass
+class _Call:
+    function: Callable
+    args: Tuple[Any, ...]
+    done: threading.Event
+    action: Any = None
+    error: Optional[str] = None
+
+
+class _Helper:
+    """One thread that runs the calls handed to it, one at a time."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="policy-call", daemon=True).start()
+
+    def submit(self, function: Callable, args: Tuple[Any, ...]) -> _Call:
+        call = _Call(function, args, threading.Event())
+        self.calls.put(call)
+        return call
+
+    def _serve(self) -> None:
+        while True:
+            call = self.calls.get()
+            try:
+                call.action = call.function(*call.args)
+            except Exception:
+                call.error = traceback.format_exc()
+            call.done.set()
 
 
 @dataclass

@@ -25,11 +25,12 @@ from evaluation import SetupError
 from evaluation.actions import ActionsSidecar, RecordedEpisode, arrays_digest, image_keys
 from evaluation.compare import setting_differences
 from evaluation.policies import Policy
+from evaluation.pool import SessionPool
 from evaluation.records import EpisodeRecord, ResultsFile, records_of, utc_now
 from evaluation.report import summary_json
-from evaluation.runner import TASK_PROVENANCE, Episode, reset_episode, server_facts
+from evaluation.runner import MAX_UNLIMITED_STEPS, TASK_PROVENANCE, Episode, reset_episode, server_facts
 from evaluation.videos import VideoWriter
-from sim_client import CLIENT_VERSION, SimulatorClient
+from sim_client import CLIENT_VERSION, DEFAULT_RETRIES, SimulatorClient
 
 
 class RecordedRun:
@@ -202,15 +203,18 @@ class Replayer:
     def replay(self, indices: List[int], show: bool = True) -> List[ReplayOutcome]:
         """Replay these episodes; their outcomes in the order asked (printed as they finish when `show`)."""
         queue, errors = list(indices), []
-        threads = [threading.Thread(target=self._work, args=(slot, queue, errors, show), daemon=True)
-                   for slot in range(min(self.parallel, len(indices)))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()  # each call is bounded by the client's timeout
+        pool = SessionPool(min(self.parallel, len(indices)), lambda slot: self._work(slot, queue, errors, show),
+                           "replay")
+        if pool.run(self.worst_case_s(len(indices))):
+            raise SetupError("a replay session outlived every bound (the client's timeouts and retries)")
         if errors:
             raise errors[0]
         return sorted(self.outcomes, key=lambda outcome: indices.index(outcome.episode))
+
+    def worst_case_s(self, episodes: int) -> float:
+        """How long replaying `episodes` can take when every call runs to its bound."""
+        per_call = self.timeout_s * (DEFAULT_RETRIES + 1)
+        return (episodes / self.parallel + 1) * (MAX_UNLIMITED_STEPS + 2) * per_call
 
     def _work(self, slot: int, queue: List[int], errors: List[Exception], show: bool) -> None:
         task, task_info = None, {}

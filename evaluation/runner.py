@@ -20,12 +20,14 @@ import numpy as np
 
 from evaluation import PolicyError, SetupError
 from evaluation.actions import ActionsSidecar, EpisodeTrace, image_keys, named_actions
-from evaluation.policies import Policy
+from evaluation.policies import DEFAULT_POLICY_TIMEOUT_S, Policy
+from evaluation.pool import SessionPool
 from evaluation.records import EpisodeRecord, ResultsFile, utc_now
 from evaluation.report import summary_json
 from evaluation.videos import VideoWriter, png_base64
 from sim_client import (
     CLIENT_VERSION,
+    DEFAULT_RETRIES,
     DEFAULT_TIMEOUT_S,
     BackendError,
     ServerBusy,
@@ -67,6 +69,7 @@ class EvaluationSettings:
     client_options: Dict[str, Optional[str]] = field(default_factory=dict)  # CURVE keys, simulator
     record_actions: bool = True  # keep every episode's actions beside the results file (replay, verify)
     policy_inputs: Optional[Dict[str, Any]] = None  # what the policy check found the policy gets (preflight.py)
+    policy_timeout_s: float = DEFAULT_POLICY_TIMEOUT_S  # what bounds one policy call (--policy-timeout)
 
 
 def reset_episode(sim: SimulatorClient, task_info: Dict[str, Any], index: int
@@ -207,17 +210,20 @@ class Evaluation:
 
     def run(self) -> List[EpisodeRecord]:
         """Run every job on the parallel session threads; the finished episode records."""
-        threads = [threading.Thread(target=self._work, args=(slot,), daemon=True)
-                   for slot in range(max(1, self.settings.parallel))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()  # each episode's calls are bounded: the client's timeouts and --policy-timeout
+        stuck = SessionPool(self.settings.parallel, self._work, "episodes").run(self.worst_case_s())
+        if stuck:
+            self.progress.note(f"{len(stuck)} session thread(s) outlived every bound; their episodes are left out")
         self.progress.close()
         with self.lock:
             self.finished_at = utc_now()
             self._save()
         return self.results
+
+    def worst_case_s(self) -> float:
+        """How long the run can take when every call runs to its bound: a bound on a broken one."""
+        per_step = self.settings.timeout_s * (DEFAULT_RETRIES + 1) + self.settings.policy_timeout_s
+        episodes = len(self.jobs) * MAX_ATTEMPTS / max(1, self.settings.parallel) + 1
+        return episodes * MAX_UNLIMITED_STEPS * per_step
 
     def run_info(self) -> Dict[str, Any]:
         """How this run was made: its first command, policy, settings, client version, and the times

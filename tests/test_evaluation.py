@@ -329,3 +329,20 @@ def test_tasks_without_a_success_criterion_are_scored_by_return_everywhere(tmp_p
     overall = compared["overall"].as_json()
     assert overall["measure"] == "return" and overall["difference"] == pytest.approx(2.0)
     assert overall["mean_return_a"] == 20.0 and "mcnemar_exact_p" not in overall
+
+
+def test_a_plain_policy_that_hangs_fails_its_episode_with_policy_timeout_and_the_run_goes_on(short_mock_server,
+                                                                                             tmp_path):
+    (tmp_path / "sleepy.py").write_text("import time\nimport numpy as np\ncalls = 0\n"
+                                        "def act(observation, task_info):\n"
+                                        "    global calls\n    calls += 1\n"
+                                        "    if calls == 9:  # the check's, episode 0's six, episode 1's second\n"
+                                        "        time.sleep(3600)\n"
+                                        "    return np.zeros(7)\n")
+    results = tmp_path / "results.json"
+    run = run_eval_cli("--address", short_mock_server.address, "--tasks", "reach_center", "--episodes", "3",
+                       "--policy", "sleepy:act", "--policy-timeout", "2", "--results", str(results), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    episodes = sorted(json.loads(results.read_text())["episodes"], key=lambda e: e["init_state_index"])
+    assert [e["failure"] for e in episodes] == ["horizon", "policy_timeout", "horizon"]
+    assert "--policy-timeout" in episodes[1]["error"] and episodes[1]["steps"] == 1
