@@ -166,3 +166,35 @@ class SimVectorEnv(VectorEnv):
         for env in self.envs:
             env.close()
         self.pool.shutdown(wait=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python sim_gym.py --address ... --task ...`: one episode of random actions through SimEnv, to
+    see the spaces a Gymnasium user gets."""
+    from sim_client import DEFAULT_ADDRESS, OneLineParser
+
+    parser = OneLineParser(prog="sim_gym.py", description="Gymnasium environments over simulator sessions "
+                           "(import SimEnv or SimVectorEnv; run it to see one task's spaces and an episode of "
+                           "random actions).")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    parser.add_argument("--task", required=True, help="a task name as list_tasks gives it")
+    parser.add_argument("--steps", type=int, default=20, help="random actions to take at most")
+    args = parser.parse_args(argv)
+    env = SimEnv(args.address, args.task)
+    try:
+        print(f"action space: {env.action_space}\nobservation space: {env.observation_space}")
+        env.reset(seed=0)
+        steps, ended, reward, info = 0, False, 0.0, {"is_success": False}
+        while steps < args.steps and not ended:
+            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+            steps, ended = steps + 1, terminated or truncated
+        print(f"{steps} random steps: last reward {reward:.3f}, is_success {info['is_success']}")
+    finally:
+        env.close()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

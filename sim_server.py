@@ -568,7 +568,7 @@ class SimulatorServer:
         self.dashboard = self._start_dashboard() if config.dashboard is not None else None
         self.dispatcher = Dispatcher(self)
         if self.dashboard is not None:
-            self.dashboard.publish(self)  # a page opened before the first tick sees the server, not a blank
+            self.dashboard.publish(self.facts())  # a page opened before the first tick sees the server
 
     def _start_dashboard(self):
         from server.dashboard import Dashboard  # only when asked for: nothing of it runs otherwise
@@ -655,7 +655,27 @@ class SimulatorServer:
                 for session in self.sessions:
                     if session.session_id == session_id:
                         self.dispatcher.end_session(session, "ended from the dashboard")
-            self.dashboard.publish(self)
+            self.dashboard.publish(self.facts())
+
+    def facts(self) -> Dict[str, Any]:
+        """The server and its sessions as plain values, for the dashboard (which sees nothing else)."""
+        now = time.monotonic()
+        return {
+            "simulators": {name: {"info": catalog.info, "problem": catalog.problem}
+                           for name, catalog in self.catalogs.items()},
+            "uptime_s": round(now - self.started, 1), "sessions": [self._session_facts(s, now) for s in self.sessions],
+            "simulator_sessions": self.sessions.with_simulator(), "max_sessions": self.config.max_sessions,
+            "requests_total": self.requests_seen, "requests_per_s": round(self.requests_per_s, 1),
+            "curve": self.curve is not None, "admin": self.config.dashboard_admin,
+        }
+
+    def _session_facts(self, session: Session, now: float) -> Dict[str, Any]:
+        worker = session.worker
+        return {"session_id": session.session_id, "peer": self.connections.peer(session.connection),
+                "simulator": session.simulator, "task": session.current_task,
+                "busy": session.pending.request.method if session.pending else None,
+                "idle_s": round(now - session.last_active, 1), "worker_pid": worker.pid if worker else None,
+                "crash": session.crash, "stderr_lines": list(worker.stderr.lines) if worker else []}
 
     def _end_closed_connections(self) -> None:
         for session in self.sessions.bound_to_connections():
@@ -741,7 +761,7 @@ class Dispatcher:
         self.server = server
         self.catalogs = server.catalogs
         self.sessions = server.sessions
-        self.simulators = SimulatorProcesses(server.config, server.catalogs, server.sessions)
+        self.simulators = SimulatorProcesses(server.config, server.catalogs)
 
     def dispatch(self, session: Session, envelope: List[bytes], request: Request) -> None:
         if session.simulator is None and request.method not in METHODS_WITHOUT_SIMULATOR:
@@ -841,12 +861,15 @@ class Dispatcher:
 
     def _start_simulator(self, session: Session, task_name: str) -> None:
         """Give the session a simulator process for `task_name`: its own, or a fresh one."""
-        if session.worker is not None and not self.simulators.worn_out(session, task_name):
-            return
         if session.worker is not None:
+            if task_name == session.current_task or not self.simulators.worn_out(session.worker):
+                return
             self._release_simulator(session, busy=False)
             session.current_task = None
-        self.server.watch(self.simulators.start(session))
+        worker = self.simulators.start(session.simulator, session.session_id)
+        session.crash = None
+        self.sessions.attach(session, worker)
+        self.server.watch(worker)
 
     def forward_reply(self, session: Session) -> None:
         """The session's channel has bytes: once its process's whole reply is in, it goes to the
@@ -873,8 +896,12 @@ class Dispatcher:
         self.server.reply(pending.envelope, body)
 
     def expire_overdue_requests(self) -> None:
-        for session, error in self.simulators.overdue():
-            self.fail_simulator(session, error)
+        for session in [s for s in self.sessions if s.worker is not None]:
+            pending = session.pending
+            error = self.simulators.overdue(session.worker, pending.request.method if pending else None,
+                                            pending.deadline if pending else None)
+            if error is not None:
+                self.fail_simulator(session, error)
 
     def fail_simulator(self, session: Session, error: BackendError) -> None:
         """The session's simulator is gone: answer its running request, and the next ones until load_task."""

@@ -766,7 +766,8 @@ def test_help_documents_every_setting_with_its_env_var():
 
 
 SCRIPTS = ["sim_server.py", "sim_client.py", "sim_eval.py", "parity_sim.py", "bench_sim.py", "soak_sim.py",
-           "sim_eval.py compare", "sim_eval.py replay", "sim_eval.py verify", "sim_tasks.py"]
+           "sim_eval.py compare", "sim_eval.py replay", "sim_eval.py verify", "sim_eval.py check", "sim_tasks.py",
+           "sim_gym.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -782,7 +783,7 @@ def test_every_scripts_bad_flag_is_one_line_and_exit_2(script):
     # argparse reports a missing choice or argument first
     required = {"parity_sim.py": ["--in-process"], "sim_eval.py compare": ["a.json", "b.json"],
                 "sim_eval.py replay": ["a.json"], "sim_eval.py verify": ["a.json"],
-                "sim_tasks.py": ["list"]}.get(script, [])
+                "sim_tasks.py": ["list"], "sim_gym.py": ["--task", "reach_center"]}.get(script, [])
     result = subprocess.run([sys.executable, *script.split(), *required, "--no-such-flag"], cwd=HERE,
                             capture_output=True, text=True, timeout=60)
     assert_one_line_exit_2(result, f"{script}: ", "--no-such-flag", "--help")
@@ -795,6 +796,13 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch):
     assert (config.session_timeout_s, config.max_sessions, config.bind) == (12.0, 3, "tcp://127.0.0.1:7000")
     assert sim_server.parse_config(["--port", "6000"]).bind == "tcp://*:6000"
     assert sim_server.parse_config(["--session-timeout", "5"]).session_timeout_s == 5.0
+
+
+@pytest.mark.parametrize("helper", ["task_specs", "libero_tasks", "channel", "worker", "base"])
+def test_a_helper_module_of_backends_is_no_simulator(helper):
+    result = run_server_cli("--simulator", helper)
+    assert_one_line_exit_2(result, f"unknown simulator {helper!r}; available: gymnasium, kitchen, libero, maniskill, "
+                                   "metaworld, mock, robosuite")
 
 
 def test_unknown_simulator_exits_listing_available_ones():

@@ -1,21 +1,21 @@
 """Backend registry: simulator name -> SimulatorBackend subclass.
 
 Backend modules are imported only when their name is asked for, so serving
-`mock` never imports LIBERO, robosuite or MuJoCo. A module registers itself
-with `register_backend(name, cls)` at import time; the module's file name is
-the name it is found by.
+`mock` never imports LIBERO, robosuite or MuJoCo. A simulator is a module named
+in SIMULATORS (its file name is the name it is found by) that registers itself
+with `register_backend(name, cls)` at import time; the package's other modules
+(the contract, the channel, the task builder's helpers) are not simulators.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import Dict, List, Type
 
 from backends.base import SimulatorBackend
 
+SIMULATORS = ("gymnasium", "kitchen", "libero", "maniskill", "metaworld", "mock", "robosuite")
 _REGISTRY: Dict[str, Type[SimulatorBackend]] = {}
-_NOT_BACKENDS = {"base", "catalog", "worker", "robosuite_frames"}  # the contract, process plumbing, helpers
 
 
 def register_backend(name: str, cls: Type[SimulatorBackend]) -> None:
@@ -23,8 +23,7 @@ def register_backend(name: str, cls: Type[SimulatorBackend]) -> None:
 
 
 def available_backends() -> List[str]:
-    found = {info.name for info in pkgutil.iter_modules(__path__) if info.name not in _NOT_BACKENDS}
-    return sorted(found | set(_REGISTRY))
+    return sorted(set(SIMULATORS) | set(_REGISTRY))
 
 
 def get_backend(name: str) -> Type[SimulatorBackend]:

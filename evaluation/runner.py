@@ -48,6 +48,9 @@ TASK_PROVENANCE = ("convention", "max_episode_steps", "settle_steps", "seed", "f
 BUSY_BACKOFF_S = 1.0
 # How long a run whose servers are all down waits for Ray to restart one (--ray).
 RESTART_WAIT_S = 300.0
+# Progress in a file (not a terminal): a line every this many episodes, or this many seconds.
+PROGRESS_EVERY = 10
+PROGRESS_LINE_S = 30.0
 # How long a server may take to answer its first ping before the run stops with a clear line.
 PREFLIGHT_TIMEOUT_S = 10.0
 
@@ -396,39 +399,65 @@ class SessionSlot:
 
 
 class Progress:
-    """tqdm when it is installed, else one rewritten line on stderr."""
+    """How far a run is, for people: on a terminal, tqdm's bar (elapsed, ETA) with the running success
+    rate; in a file (Slurm, CI), a plain line every PROGRESS_EVERY episodes or PROGRESS_LINE_S seconds."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.successes = total, 0, 0
-        try:
-            from tqdm import tqdm
+    def __init__(self, total: int, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.total, self.done, self.scored, self.successes = total, 0, 0, 0
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        if total and self.stream.isatty():
+            try:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="episode")
-        except ImportError:
-            self.bar = None
+                self.bar = tqdm(total=total, unit="episode", file=self.stream)
+            except ImportError:
+                pass
 
     def update(self, success: Optional[bool]) -> None:
         """One more episode done (success None: a task scored by return)."""
         self.done += 1
-        self.successes += int(success is True)
-        rate = self.successes / self.done
+        if success is not None:
+            self.scored += 1
+            self.successes += int(success)
         if self.bar is not None:
-            self.bar.set_postfix(success=f"{rate:.2f}")
+            if self.scored:
+                self.bar.set_postfix(success=f"{self.successes / self.scored:.2f}")
             self.bar.update(1)
-        else:
-            sys.stderr.write(f"\r{self.done}/{self.total} episodes, success {rate:.2f}")
-            sys.stderr.flush()
+            return
+        now = time.monotonic()
+        if self.done == self.total or self.done % PROGRESS_EVERY == 0 or now - self.last_line >= PROGRESS_LINE_S:
+            self.last_line = now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float) -> str:
+        """"12/50 episodes, success 8/12 (0.67), 3m05s elapsed, about 9m40s left"."""
+        elapsed = now - self.started
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        rate = f", success {self.successes}/{self.scored} ({self.successes / self.scored:.2f})" if self.scored else ""
+        return (f"sim_eval: {self.done}/{self.total} episodes{rate}, {clock(elapsed)} elapsed, "
+                f"about {clock(left)} left")
 
     def note(self, text: str) -> None:
         """A line of text that does not break the bar."""
-        (self.bar.write if self.bar is not None else lambda t: print(t, file=sys.stderr))(text)
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
-        """End the bar or the progress line."""
+        """End the bar."""
         if self.bar is not None:
             self.bar.close()
-        elif self.total:
-            sys.stderr.write("\n")
+
+
+def clock(seconds: float) -> str:
+    """1h02m, 3m05s or 42s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def check_servers(addresses: List[str], client_options: Dict[str, Optional[str]], timeout_s: float) -> None:

@@ -32,7 +32,6 @@ import queue
 import secrets
 import struct
 import threading
-import time
 import zlib
 from collections import deque
 from http.cookies import CookieError, SimpleCookie
@@ -454,31 +453,19 @@ class Dashboard:
         """A simulator reply went to a session's client (loop thread)."""
         self.activity.setdefault(session_id, SessionActivity()).note(method, body, ok)
 
-    def publish(self, server) -> None:
-        """A snapshot of the server, made of plain values, becomes what pages see (loop thread)."""
-        now = time.monotonic()
-        rows = [self._session_row(session, now, server.connections.peer(session.connection))
-                for session in server.sessions]
+    def publish(self, facts: Dict[str, Any]) -> None:
+        """The server's facts, plain values made by the loop (SimulatorServer.facts()), with what this
+        dashboard saw of each session's replies, become what pages see (loop thread)."""
+        rows = [self._session_row(session) for session in facts["sessions"]]
         alive = {row["session_id"] for row in rows}
         self.activity = {key: value for key, value in self.activity.items() if key in alive}
-        self.state.snapshot = {  # one assignment: readers see the old snapshot or the new one
-            "simulators": {name: {"info": catalog.info, "problem": catalog.problem}
-                           for name, catalog in server.catalogs.items()},
-            "uptime_s": round(now - server.started, 1), "sessions": len(server.sessions),
-            "simulator_sessions": server.sessions.with_simulator(), "max_sessions": server.config.max_sessions,
-            "requests_total": server.requests_seen, "requests_per_s": round(server.requests_per_s, 1),
-            "curve": server.curve is not None, "admin": server.config.dashboard_admin, "session_rows": rows,
-            "task_builder": self.http.task_form is not None,
-        }
+        self.state.snapshot = {**facts, "sessions": len(rows), "session_rows": rows,  # one assignment: readers
+                               "task_builder": self.http.task_form is not None}  # see the old one or the new
 
-    def _session_row(self, session, now: float, peer: Optional[str]) -> Dict[str, Any]:
-        worker = session.worker
-        lines = list(worker.stderr.lines) if worker is not None else []
-        activity = self.activity.get(session.session_id, SessionActivity())
-        return {"session_id": session.session_id, "peer": peer, "simulator": session.simulator,
-                "task": session.current_task, "busy": session.pending.request.method if session.pending else None,
-                "idle_s": round(now - session.last_active, 1), "worker_pid": worker.pid if worker else None,
-                "crash": session.crash, "episodes": activity.episodes, "episode_steps": activity.episode_steps,
+    def _session_row(self, session: Dict[str, Any]) -> Dict[str, Any]:
+        activity = self.activity.get(session["session_id"], SessionActivity())
+        lines = session.pop("stderr_lines")
+        return {**session, "episodes": activity.episodes, "episode_steps": activity.episode_steps,
                 "frame_body": activity.frame_body, "task_body": activity.task_body,
                 "warnings": [line.rstrip() for line in lines if " WARNING " in line or " ERROR " in line
                              or "Traceback" in line]}

@@ -182,71 +182,62 @@ class WorkerEnvironment:
 
 
 class SimulatorProcesses:
-    """Starting, timing and closing the sessions' simulator processes (the loop polls their pipes)."""
+    """Starting, timing and closing simulator processes (the loop polls their channels). It knows
+    Workers only: which session a process serves is the session table's business."""
 
-    def __init__(self, config: Any, catalogs: Dict[str, Catalog], sessions: Any) -> None:
+    def __init__(self, config: Any, catalogs: Dict[str, Catalog]) -> None:
         self.config = config
         self.catalogs = catalogs
-        self.sessions = sessions
         self.environment = WorkerEnvironment(config.render_threads, config.egl_devices)
-        self.closing: List[Worker] = []
+        self.serving: List[Worker] = []  # started, not yet retired
+        self.closing: List[Worker] = []  # retired, not yet exited
 
     def timeout_s(self, method: str) -> float:
         return self.config.load_timeout_s if method == "load_task" else self.config.step_timeout_s
 
-    def start(self, session: Any) -> Worker:
-        """A new simulator process for the session; ServerBusy when every slot is taken."""
-        if self.sessions.with_simulator() >= self.config.max_sessions:
+    def start(self, simulator: str, session_id: str) -> Worker:
+        """A new simulator process for a session; ServerBusy when every slot is taken."""
+        if len(self.serving) >= self.config.max_sessions:
             raise ServerBusy(f"all {self.config.max_sessions} simulator sessions are in use; try again later")
-        catalog = self.catalogs[session.simulator]
-        env = self.environment.for_worker(catalog, self.sessions.with_simulator())
-        worker = Worker(catalog, session.session_id, self.config.log_level, env)
-        session.crash = None
-        self.sessions.attach(session, worker)
-        log.info("session %s: simulator process %d started", session.session_id, worker.pid)
+        catalog = self.catalogs[simulator]
+        worker = Worker(catalog, session_id, self.config.log_level,
+                        self.environment.for_worker(catalog, len(self.serving)))
+        self.serving.append(worker)
+        log.info("session %s: simulator process %d started", session_id, worker.pid)
         return worker
 
-    def worn_out(self, session: Any, task_name: str) -> bool:
-        """Whether this task switch passes MAX_TASKS_PER_WORKER: simulators leak on close."""
-        if task_name == session.current_task:
+    @staticmethod
+    def worn_out(worker: Worker) -> bool:
+        """One more task switch: whether it passes MAX_TASKS_PER_WORKER (simulators leak on close)."""
+        worker.task_switches += 1
+        if worker.task_switches <= MAX_TASKS_PER_WORKER:
             return False
-        session.worker.task_switches += 1
-        if session.worker.task_switches <= MAX_TASKS_PER_WORKER:
-            return False
-        log.info("session %s: simulator process %d switched tasks %d times; starting a fresh one",
-                 session.session_id, session.worker.pid, MAX_TASKS_PER_WORKER)
+        log.info("simulator process %d switched tasks %d times; starting a fresh one", worker.pid,
+                 MAX_TASKS_PER_WORKER)
         return True
 
     @staticmethod
-    def died(session: Any) -> BackendError:
-        worker = session.worker
+    def died(worker: Worker) -> BackendError:
         return BackendError(f"simulator process {worker.pid} died ({worker.death_description()})")
 
-    def overdue(self) -> List[Tuple[Any, BackendError]]:
-        """Sessions whose simulator died (once its death is known) or whose running request passed
-        its deadline, each with the error to answer."""
-        now, late = time.monotonic(), []
-        for session in self.sessions:
-            worker = session.worker
-            if worker is None:
-                continue
-            if worker.died_at is not None:
-                if worker.death_known():
-                    late.append((session, self.died(session)))
-            elif session.pending is not None and now > session.pending.deadline:
-                method = session.pending.request.method
-                limit = "SIM_LOAD_TIMEOUT_S" if method == "load_task" else "SIM_STEP_TIMEOUT_S"
-                late.append((session, BackendError(f"{method} overran {limit}; simulator process "
-                                                   f"{worker.pid} was killed")))
-        return late
+    def overdue(self, worker: Worker, method: Optional[str], deadline: Optional[float]) -> Optional[BackendError]:
+        """The error to answer for a process that died (once its death is known) or whose running
+        request (`method`, due by `deadline`) is late; None while all is well."""
+        if worker.died_at is not None:
+            return self.died(worker) if worker.death_known() else None
+        if method is not None and time.monotonic() > deadline:
+            limit = "SIM_LOAD_TIMEOUT_S" if method == "load_task" else "SIM_STEP_TIMEOUT_S"
+            return BackendError(f"{method} overran {limit}; simulator process {worker.pid} was killed")
+        return None
 
     def dying(self) -> bool:
         """Whether a dead process's description is being waited for (the loop then polls briefly)."""
-        return any(s.worker is not None and s.worker.died_at is not None for s in self.sessions)
+        return any(worker.died_at is not None for worker in self.serving)
 
     def retire(self, worker: Worker, kill: bool) -> None:
         """Close a process the loop no longer polls: at once when `kill`, else in its own time. Either
         way it stays listed until it has exited."""
+        self.serving.remove(worker)
         if kill:
             worker.kill()
         else:

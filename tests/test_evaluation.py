@@ -3,6 +3,7 @@ score you can trust (the episode contract, conventions chosen, the policy checke
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import sim_server
 from evaluation.actions import ActionsSidecar
 from evaluation.policies import Policy, PolicyBatcher, load_policy
 from evaluation.report import summarize
-from evaluation.runner import Evaluation, EvaluationSettings
+from evaluation.runner import Evaluation, EvaluationSettings, Progress
 from evaluation.stats import mean_interval, student_t_quantile
 from evaluation.videos import VideoWriter
 from harness_sim import (
@@ -346,3 +347,16 @@ def test_a_plain_policy_that_hangs_fails_its_episode_with_policy_timeout_and_the
     episodes = sorted(json.loads(results.read_text())["episodes"], key=lambda e: e["init_state_index"])
     assert [e["failure"] for e in episodes] == ["horizon", "policy_timeout", "horizon"]
     assert "--policy-timeout" in episodes[1]["error"] and episodes[1]["steps"] == 1
+
+
+def test_progress_in_a_file_is_a_plain_line_every_ten_episodes_with_the_running_success_and_time_left():
+    stream = io.StringIO()
+    progress = Progress(25, stream)
+    for index in range(25):
+        progress.update(None if index >= 20 else index % 2 == 0)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in stream.getvalue(), lines
+    assert lines[0].startswith("sim_eval: 10/25 episodes, success 5/10 (0.50), ")
+    assert lines[2].startswith("sim_eval: 25/25 episodes, success 10/20 (0.50), ")
+    assert lines[2].endswith("about 0s left")
