@@ -198,12 +198,14 @@ def test_session_cap_answers_server_busy():
         assert second.request("load_task", task_name="reach_center")["status"] == "ok"
 
 
-def test_second_request_while_one_runs_is_server_busy(raw):
-    raw.request("load_task", task_name="reach_center", step_sleep_s=2.0)  # still running when the reset comes
+def test_second_request_while_one_runs_is_server_busy(raw, tmp_path):
+    gate = tmp_path / "gate"
+    raw.request("load_task", task_name="reach_center", gate_file=str(gate))  # the step runs until the gate opens
     raw.request("reset")
     raw.send_body(sim_client.encode({"method": "step", "action": ZERO_ACTION, "request_id": 1}))
     busy = raw.request("reset", request_id=2)
     assert_error(busy, "server_busy")
+    gate.touch()
     assert raw.receive()["request_id"] == 1
 
 
@@ -373,16 +375,17 @@ def test_simulator_crash_mid_step_answers_the_pending_request(raw):
     assert raw.request("ping")["status"] == "ok"
 
 
-def test_slow_step_does_not_stall_other_sessions(mock_server):
+def test_slow_step_does_not_stall_other_sessions(mock_server, tmp_path):
+    gate = tmp_path / "gate"
     slow, other = mock_server.client(), mock_server.client()
-    slow.request("load_task", task_name="reach_center", step_sleep_s=3.0)  # a margin for a busy machine
+    slow.request("load_task", task_name="reach_center", gate_file=str(gate))  # its step runs until the gate opens
     slow.request("reset")
     other.request("load_task", task_name="reach_center")
     other.request("reset")
     slow.send_body(sim_client.encode({"method": "step", "action": ZERO_ACTION}))
-    assert other.request("get_info")["status"] == "ok"
+    assert other.request("get_info")["status"] == "ok"  # served while the slow step is held open
     assert other.request("step", action=ZERO_ACTION)["status"] == "ok"
-    assert not slow.socket.poll(0), "the slow step should still be running"
+    gate.touch()
     assert slow.receive()["status"] == "ok"
     for client in (slow, other):
         client.request("disconnect")
@@ -938,12 +941,15 @@ def test_a_server_that_answered_once_keeps_the_liveness_rules(mock_server):
         sim.disconnect()
 
 
-def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server):
+def test_client_drops_a_late_reply_to_a_timed_out_request(mock_server, tmp_path):
+    gate = tmp_path / "gate"
     sim = sim_client.SimulatorClient(mock_server.address, timeout_s=0.5)
-    sim.load_task("reach_center", step_sleep_s=2.0)  # longer than all three tries: its reply comes late
+    sim.load_task("reach_center", gate_file=str(gate))  # the step outlasts all three tries: its reply comes late
     sim.reset()
     with pytest.raises(sim_client.ServerTimeout):
         sim.step(ZERO_ACTION)
+    gate.touch()
+    assert wait_until(lambda: not sim.call("ping")["busy"])  # the step has ended: its reply is on its way or here
     tasks = sim.list_tasks()  # the step's late reply reaches this socket and is dropped
     assert tasks == ["reach_center", "reach_corner", "reach_floor"]
     sim.disconnect()

@@ -12,6 +12,8 @@ tests do the same with slow or failing environments):
   fail_at_step=N    step N raises a plain exception (becomes backend_error)
   step_sleep_s=S    every step also sleeps S seconds (no CPU)
   load_sleep_s=S    load_task sleeps S seconds, like a slow simulator build
+  gate_file=PATH    every step waits until PATH exists (at most GATE_LIMIT_S): a test holds a
+                    step open for exactly as long as it needs, then opens the gate by making the file
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ GOALS = {
 }
 FAULT_OPTIONS = ("crash_at_step", "hang_at_step", "fail_at_step")
 SLEEP_OPTIONS = ("step_sleep_s", "load_sleep_s")
+# A gated step gives up waiting after this long (a bound on a test that never opens its gate).
+GATE_LIMIT_S = 600.0
 
 
 def _env_number(name: str, default: float) -> float:
@@ -120,7 +124,9 @@ class MockBackend(SimulatorBackend):
                 raise InvalidParams(f"{key} must be a non-negative int")
             elif key in SLEEP_OPTIONS and not (isinstance(value, (int, float)) and 0 <= value <= 600):
                 raise InvalidParams(f"{key} must be a number of seconds in [0, 600]")
-            elif key not in FAULT_OPTIONS and key not in SLEEP_OPTIONS:
+            elif key == "gate_file" and not isinstance(value, str):
+                raise InvalidParams("gate_file must be a path")
+            elif key not in FAULT_OPTIONS and key not in SLEEP_OPTIONS and key != "gate_file":
                 raise InvalidParams(f"unknown mock option {key!r}")
         return dict(options)
 
@@ -151,6 +157,10 @@ class MockBackend(SimulatorBackend):
     def _inject_faults(self) -> None:
         if self.options.get("step_sleep_s"):
             time.sleep(self.options["step_sleep_s"])
+        if self.options.get("gate_file"):
+            deadline = time.monotonic() + GATE_LIMIT_S
+            while not os.path.exists(self.options["gate_file"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
         if self.options.get("crash_at_step") == self.steps:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.options.get("hang_at_step") == self.steps:
