@@ -566,7 +566,7 @@ class SimulatorServer:
         for polled in (self.frontend, self.connections.monitor):
             self.poller.register(polled, zmq.POLLIN)
         self.dashboard = self._start_dashboard() if config.dashboard is not None else None
-        self.dispatcher = Dispatcher(self)
+        self.dispatcher = Dispatcher(config, catalogs, self.sessions, self.started)
         if self.dashboard is not None:
             self.dashboard.publish(self.facts())  # a page opened before the first tick sees the server
 
@@ -606,6 +606,7 @@ class SimulatorServer:
                 if time.monotonic() >= next_tick:
                     self._tick()
                     next_tick = time.monotonic() + TICK_S
+                self._apply(self.dispatcher.outbox.take())
         except BaseException:
             log.exception("the poll loop stopped on an error; shutting down")
             raise
@@ -627,12 +628,24 @@ class SimulatorServer:
             if events & zmq.POLLIN and session.worker is not None:
                 self.dispatcher.forward_reply(session)
 
-    def watch(self, worker: Worker, writing: bool = False) -> None:
+    def _apply(self, effects: List[Tuple[str, tuple]]) -> None:
+        """Carry out what the dispatcher asked for (its Outbox), in order."""
+        for kind, arguments in effects:
+            if kind == "reply":
+                self.reply(*arguments)
+            elif kind == "watch":
+                self._watch(*arguments)
+            elif kind == "unwatch":
+                self._unwatch(*arguments)
+            elif self.dashboard is not None:  # "replied"
+                self.dashboard.replied(*arguments)
+
+    def _watch(self, worker: Worker, writing: bool) -> None:
         """Poll a simulator process's channel for its replies (and, while a call is half written, for room)."""
         self.poller.register(worker.fileno(), zmq.POLLIN | (zmq.POLLOUT if writing else 0))
         worker.watched = True
 
-    def unwatch(self, worker: Worker) -> None:
+    def _unwatch(self, worker: Worker) -> None:
         if worker.watched:
             self.poller.unregister(worker.fileno())
             worker.watched = False
@@ -714,6 +727,8 @@ class SimulatorServer:
         except Exception:
             log.exception("internal error answering a request")
             self.reply(envelope, reply_body(request_id, InternalError("the server failed; see its log")))
+        finally:
+            self._apply(self.dispatcher.outbox.take())
 
     def reply(self, envelope: List[bytes], body: bytes) -> None:
         """Never blocks: a client that vanished or stopped reading loses its reply, not our loop."""
@@ -730,6 +745,7 @@ class SimulatorServer:
         if getattr(self, "dispatcher", None) is not None:
             for session in self.sessions:
                 self.dispatcher.end_session(session, "server shutting down")
+            self._apply(self.dispatcher.outbox.take())
             self.dispatcher.simulators.close_all()
         if getattr(self, "connections", None) is not None:
             self.connections.close()
@@ -753,15 +769,42 @@ def split_envelope(frames: List[bytes]) -> Tuple[List[bytes], Optional[bytes]]:
     return [frames[0], b""], None
 
 
+@dataclass
+class Outbox:
+    """What the dispatcher asks of the loop, in order: replies to send, simulator channels to poll (and
+    whether for room to write) or to stop polling, and replies the dashboard should see. The loop
+    owns the sockets and the poller and applies these after each call (zguide's ppqueue: helpers
+    say what to register, the loop registers it)."""
+
+    effects: List[Tuple[str, tuple]] = field(default_factory=list)
+
+    def reply(self, envelope: List[bytes], body: bytes) -> None:
+        self.effects.append(("reply", (envelope, body)))
+
+    def watch(self, worker: Worker, writing: bool = False) -> None:
+        self.effects.append(("watch", (worker, writing)))
+
+    def unwatch(self, worker: Worker) -> None:
+        self.effects.append(("unwatch", (worker,)))
+
+    def replied(self, session_id: str, method: str, body: bytes, ok: bool) -> None:
+        self.effects.append(("replied", (session_id, method, body, ok)))
+
+    def take(self) -> List[Tuple[str, tuple]]:
+        effects, self.effects = self.effects, []
+        return effects
+
+
 class Dispatcher:
     """Answers a session's checked request: the loop's own methods at once, simulator methods by
-    handing the call to the session's process and its reply back to the client when it comes."""
+    handing the call to the session's process and its reply back to the client when it comes. It
+    owns the sessions' simulator processes and changes sessions; what it wants of the sockets goes
+    into its `outbox`, which the loop applies."""
 
-    def __init__(self, server: SimulatorServer) -> None:
-        self.server = server
-        self.catalogs = server.catalogs
-        self.sessions = server.sessions
-        self.simulators = SimulatorProcesses(server.config, server.catalogs)
+    def __init__(self, config: Config, catalogs: Dict[str, Catalog], sessions: SessionTable, started: float) -> None:
+        self.config, self.catalogs, self.sessions, self.started = config, catalogs, sessions, started
+        self.simulators = SimulatorProcesses(config, catalogs)
+        self.outbox = Outbox()
 
     def dispatch(self, session: Session, envelope: List[bytes], request: Request) -> None:
         if session.simulator is None and request.method not in METHODS_WITHOUT_SIMULATOR:
@@ -771,9 +814,9 @@ class Dispatcher:
             self._forward(session, envelope, request)
         elif request.method == "disconnect":
             self.end_session(session, "disconnected")
-            self.server.reply(envelope, reply_body(request.request_id, {}))
+            self.outbox.reply(envelope, reply_body(request.request_id, {}))
         else:
-            self.server.reply(envelope, reply_body(request.request_id, self._answer(session, request)))
+            self.outbox.reply(envelope, reply_body(request.request_id, self._answer(session, request)))
 
     def _answer(self, session: Session, request: Request) -> Dict[str, Any]:
         if request.method == "list_simulators":
@@ -808,8 +851,8 @@ class Dispatcher:
             "backend_version": backend.get("backend_version", "unknown"), "server_version": SERVER_VERSION,
             "current_task": session.current_task, "session_id": session.session_id,
             "sim_pid": session.worker.pid if session.worker else None, "active_sessions": len(self.sessions),
-            "simulator_sessions": self.sessions.with_simulator(), "max_sessions": self.server.config.max_sessions,
-            "uptime_s": round(time.monotonic() - self.server.started, 3),
+            "simulator_sessions": self.sessions.with_simulator(), "max_sessions": self.config.max_sessions,
+            "uptime_s": round(time.monotonic() - self.started, 3),
             **{key: backend[key] for key in PROVENANCE_KEYS if key in backend},
             **self.catalogs[session.simulator].task_folder_info(),
         }
@@ -828,7 +871,7 @@ class Dispatcher:
         session.pending = Pending(envelope, request, time.monotonic() + self.simulators.timeout_s(request.method))
         try:
             if not session.worker.submit(call_body(request)):
-                self.server.watch(session.worker, writing=True)  # the rest when the channel has room
+                self.outbox.watch(session.worker, writing=True)  # the rest when the channel has room
         except OSError:
             self._simulator_gone(session)
 
@@ -836,7 +879,7 @@ class Dispatcher:
         """The channel has room: more of the call in hand; once it is all written, only replies are polled."""
         try:
             if session.worker.write_more():
-                self.server.watch(session.worker)
+                self.outbox.watch(session.worker)
         except OSError:
             self._simulator_gone(session)
 
@@ -844,7 +887,7 @@ class Dispatcher:
         """The session's channel broke: a death, answered once its description is known
         (expire_overdue_requests), without waiting here."""
         session.worker.died_at = time.monotonic()
-        self.server.unwatch(session.worker)
+        self.outbox.unwatch(session.worker)
 
     def _answered_as_a_retry(self, session: Session, envelope: List[bytes], request: Request) -> bool:
         """A re-sent request_id is answered once, from the running or the last reply: never run twice."""
@@ -855,7 +898,7 @@ class Dispatcher:
                 return True
             raise ServerBusy("this session is already running a request; send one at a time")
         if request_id is not None and session.last_reply is not None and session.last_reply[0] == request_id:
-            self.server.reply(envelope, session.last_reply[1])
+            self.outbox.reply(envelope, session.last_reply[1])
             return True
         return False
 
@@ -869,7 +912,7 @@ class Dispatcher:
         worker = self.simulators.start(session.simulator, session.session_id)
         session.crash = None
         self.sessions.attach(session, worker)
-        self.server.watch(worker)
+        self.outbox.watch(worker)
 
     def forward_reply(self, session: Session) -> None:
         """The session's channel has bytes: once its process's whole reply is in, it goes to the
@@ -891,9 +934,8 @@ class Dispatcher:
             log.info("session %s: loaded %s", session.session_id, session.current_task)
         session.last_reply = (request.request_id, body)
         session.last_active = time.monotonic()
-        if self.server.dashboard is not None:
-            self.server.dashboard.replied(session.session_id, request.method, body, reply_status(body) == "ok")
-        self.server.reply(pending.envelope, body)
+        self.outbox.replied(session.session_id, request.method, body, reply_status(body) == "ok")
+        self.outbox.reply(pending.envelope, body)
 
     def expire_overdue_requests(self) -> None:
         for session in [s for s in self.sessions if s.worker is not None]:
@@ -910,13 +952,13 @@ class Dispatcher:
         session.crash, session.current_task = str(error), None
         pending, session.pending = session.pending, None
         if pending is not None:
-            self.server.reply(pending.envelope, reply_body(pending.request.request_id, BackendError(
+            self.outbox.reply(pending.envelope, reply_body(pending.request.request_id, BackendError(
                 f"{error}; call load_task to start a new simulator")))
 
     def _release_simulator(self, session: Session, busy: bool) -> None:
         """Stop polling the session's process and close it (kill it when `busy`: it would not read)."""
         worker = self.sessions.detach(session)
-        self.server.unwatch(worker)
+        self.outbox.unwatch(worker)
         self.simulators.retire(worker, kill=busy)
 
     def end_session(self, session: Session, why: str) -> None:
