@@ -402,3 +402,15 @@ def maniskill_python(code: str, *args: str) -> str:
                             text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+@pytest.mark.slow
+def test_the_batched_policy_example_runs_a_metaworld_task_in_batches(metaworld_server, tmp_path):
+    results = tmp_path / "batched.json"
+    result = run_eval_cli("--address", metaworld_server.address, "--tasks", "metaworld/reach-v3", "--episodes", "4",
+                          "--parallel", "2", "--batch-size", "2", "--policy", "examples.batched_policy:act",
+                          "--load-option", "cameras=[]", "--results", str(results))
+    assert result.returncode == 0, result.stderr
+    episodes = json.loads(results.read_text())["episodes"]
+    assert len(episodes) == 4 and sum(e["success"] for e in episodes) >= 3
+

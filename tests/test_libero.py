@@ -505,3 +505,16 @@ def test_parity_cli_without_a_server_is_one_line_and_exit_2():
                              "--subset", "ci", "--timeout", "0.5"], cwd=HERE, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "nothing has answered" in result.stderr
+
+
+@pytest.mark.libero
+def test_the_libero_openpi_skeleton_example_passes_the_policy_check(libero_server):
+    task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+    result = run_eval_cli("check", "--address", libero_server.address, "--tasks", task, "--policy",
+                          "examples.libero_openpi_skeleton:act")
+    assert result.returncode == 0, result.stderr
+    assert "convention openpi; images agentview_image 256x256x3, robot0_eye_in_hand_image 256x256x3 (upright); " \
+           "state state [8]" in result.stdout
+    small = run_eval_cli("check", "--address", libero_server.address, "--tasks", task, "--policy",
+                         "examples.libero_openpi_skeleton:act", "--load-option", "camera_width=64")
+    assert small.returncode == 2 and "expects 'agentview_image' of shape [256, 256, 3]" in small.stderr
