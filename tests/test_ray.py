@@ -72,9 +72,11 @@ def test_ray_servers_share_the_episodes_and_stop_with_the_run(ray_head, tmp_path
 
 @pytest.mark.slow
 def test_ray_restarts_a_killed_server_and_every_episode_finishes(ray_head, tmp_path):
-    # Episodes of at least 3 s (10 steps that sleep 0.3 s): the surviving server cannot finish every
-    # episode while the killed one's session waits out its three timeouts, so the restarted server gets some.
-    run = run_ray_eval(ray_head, tmp_path, "--episodes", "8", "--parallel", "2", "--load-option", "step_sleep_s=0.3")
+    # Episodes of at least 1 s (10 steps that sleep 0.1 s) and a 3 s call timeout: the killed server's
+    # session gives up (three tries) while the surviving server still has episodes to run, so the
+    # restarted server gets some (with 10 s and quick episodes the survivor could drain the run first).
+    run = run_ray_eval(ray_head, tmp_path, "--episodes", "8", "--parallel", "2", "--load-option", "step_sleep_s=0.1",
+                       "--timeout", "3")
     results = tmp_path / "results.json"
     assert wait_until(lambda: results.exists() and len(json.loads(results.read_text())["episodes"]) >= 2, 120)
     first = (tmp_path / "servers.txt").read_text().split()
