@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -29,16 +30,27 @@ LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disa
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 only, stopped (with every Ray process) afterwards."""
+    """A Ray head on 127.0.0.1 only, in the foreground (--block), stopped afterwards by stopping that one
+    process: `ray stop` would stop every Ray on the machine, another test worker's included."""
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     port, env = free_port(), {**os.environ, **LOOPBACK_RAY}
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True, timeout=120)
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        assert wait_until(lambda: ray_accepts(port), 120), "the Ray head did not start"
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_cli, "stop"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def ray_accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def servers_bound_to(addresses) -> list:
