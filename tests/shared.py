@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from backends.base import CONTRACT_TASK_INFO_KEYS
+from backends.base import CONTRACT_STEP_INFO_KEYS, CONTRACT_TASK_INFO_KEYS
 from harness_sim import (
     HERE,
     RawClient,
@@ -163,6 +163,7 @@ def check_protocol_conformance(server, task: str, action, bad_action, **load_opt
         step = client.request("step", action=action)
         assert step["status"] == "ok" and isinstance(step["reward"], float)
         assert isinstance(step["terminated"], bool) and isinstance(step["truncated"], bool)
+        assert set(CONTRACT_STEP_INFO_KEYS) <= set(step["info"]), step["info"]
         assert isinstance(step["info"]["success"], bool) and step["info"]["step"] == 1, step["info"]
         assert task_info["has_success"] or step["info"]["success"] is False
         assert_error(client.request("step", action=bad_action), "invalid_params")
