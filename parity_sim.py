@@ -3,12 +3,12 @@
     python parity_sim.py --address tcp://host:5555     # check a running server
     python parity_sim.py --in-process                   # check LIBERO installed in this Python
     python parity_sim.py --address tcp://host:5555 --subset ci
-    python parity_sim.py --in-process --write parity_reference.json --jobs 2   # regenerate the reference
+    python parity_sim.py --in-process --write backends/libero_parity_reference.json --jobs 2  # regenerate it
 
 A probe is one task and init state under the standard convention (seed 7,
 10 settle steps of [0,0,0,0,0,0,-1], 128x128 cameras). It measures every
 object's position and each camera's per-channel mean pixel value after the
-settle steps. `parity_reference.json` holds the probes as LIBERO in-process
+settle steps. `backends/libero_parity_reference.json` holds the probes as LIBERO in-process
 computed them on the published stack (mujoco 3.2.3, robosuite 1.4.0); a check
 compares fresh probes against it and exits 1 when any object is more than
 2 mm off or any image mean more than 0.5 levels off (exit 2: could not run).
@@ -30,7 +30,7 @@ import numpy as np
 from sim_client import OneLineParser, SimulatorClient, SimulatorClientError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE_PATH = os.path.join(HERE, "parity_reference.json")
+REFERENCE_PATH = os.path.join(HERE, "backends", "libero_parity_reference.json")
 # Physics must match; GPU EGL rasterises slightly differently from Mesa, so pixels may not, quite.
 POSITION_TOLERANCE_MM = 2.0
 IMAGE_TOLERANCE_LEVELS = 0.5
