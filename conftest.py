@@ -68,6 +68,13 @@ def oldest_python():
 
 
 @pytest.fixture(scope="session")
+def long_mock_server():
+    """Mock episodes of 30 steps: room for several policy calls (the real-time tests)."""
+    with running_server("mock", env={"SIM_MOCK_IMAGE_SIZE": "8", "SIM_MOCK_EPISODE_STEPS": "30"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def short_mock_server():
     with running_server("mock", env=MOCK_EVAL_ENV) as server:
         yield server

@@ -32,9 +32,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 from evaluation import SetupError
 from evaluation.compare import compare_runs, comparison_json, load_run, print_comparison
-from evaluation.openpi import DEFAULT_REPLAN_STEPS
 from evaluation.policies import DEFAULT_BATCH_WAIT_MS, DEFAULT_POLICY_TIMEOUT_S, Policy, load_policy
 from evaluation.preflight import PolicyInputs, check_policy
+from evaluation.realtime import Latency, check_latencies, parse_latencies, parse_model
 from evaluation.records import lerobot_eval_info
 from evaluation.replay import (
     ForkResults,
@@ -45,7 +45,7 @@ from evaluation.replay import (
     sampled,
     verification_json,
 )
-from evaluation.report import print_table, save_chart, summarize, write_report
+from evaluation.report import print_table, save_chart, summarize_run, write_report
 from evaluation.runner import (
     PREFLIGHT_TIMEOUT_S,
     Evaluation,
@@ -53,6 +53,7 @@ from evaluation.runner import (
     check_servers,
     resolve_tasks,
 )
+from evaluation.sweep import latency_rows, print_latency_table
 from evaluation.videos import VideoWriter
 from sim_client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, OneLineParser, SimulatorClient, SimulatorClientError
 
@@ -103,8 +104,18 @@ def parser(prog: str = "sim_eval.py") -> argparse.ArgumentParser:
                         help="call the policy with lists of up to this many sessions' observations")
     parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
                         help="how long a batch waits for stragglers")
-    parser.add_argument("--replan-steps", type=int, default=DEFAULT_REPLAN_STEPS,
-                        help="openpi://: actions of each returned chunk run before asking again")
+    parser.add_argument("--replan-steps", type=int, default=None, metavar="S",
+                        help="actions of each returned chunk that run before the policy is asked again "
+                             "(default: 5 for openpi://, else the whole chunk)")
+    realtime = parser.add_argument_group("real time: the world moves on while the policy thinks (docs/evaluation.md)")
+    realtime.add_argument("--latency", default=None, metavar="D[,D...]|measured",
+                          help="control steps each policy call takes (0 <= D <= --replan-steps); a list sweeps, "
+                               "every episode at each; 'measured' uses each call's own time at the task's control_hz")
+    realtime.add_argument("--latency-model", default=None, metavar="fixed:MS|lognormal:MEAN_MS,SIGMA",
+                          help="draw each call's latency from this seeded model (milliseconds, at control_hz)")
+    realtime.add_argument("--send-prefix", action="store_true",
+                          help="openpi://: send the actions that run during the call's delay as prefix_actions "
+                               "(a module policy that takes prefix= always gets them)")
     parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
                         help="seconds an episode waits for the policy's action (or its reset) before it fails "
                              "as policy_timeout")
@@ -175,8 +186,9 @@ def replay_parser() -> argparse.ArgumentParser:
                         help="fork: replay the first K actions, then let --policy act")
     parser.add_argument("--policy", default=None, help="fork: the policy that takes over at --until-step")
     parser.add_argument("--fork-results", default=None, help="results file of the forks (default RESULTS.forks.json)")
-    parser.add_argument("--replan-steps", type=int, default=DEFAULT_REPLAN_STEPS,
-                        help="openpi://: actions of each returned chunk run before asking again")
+    parser.add_argument("--replan-steps", type=int, default=None, metavar="S",
+                        help="actions of each returned chunk that run before the policy is asked again "
+                             "(default: 5 for openpi://, else the whole chunk)")
     parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
                         help="seconds to wait for an openpi:// policy's action")
     add_server_flags(parser, REPLAY_SIMULATOR_HELP)
@@ -369,8 +381,10 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
     if args.compare_with:
         load_run(args.compare_with)
     check_outputs_can_be_made(args)
-    policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.policy_timeout, args.replan_steps)
+    policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.policy_timeout, args.replan_steps,
+                         args.send_prefix)
     try:
+        args.latencies = chosen_latencies(args, policy)
         policy.convention = chosen_convention(args, load_options, policy)
         policy.clip_actions = args.clip_actions
         load_options = {**load_options, **policy.load_options}
@@ -383,6 +397,17 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
         return evaluate(args, policy, tasks, load_options, inputs, address_source)
     finally:
         policy.close()
+
+
+def chosen_latencies(args: argparse.Namespace, policy: Policy) -> List[Optional[Latency]]:
+    """--latency or --latency-model as the Latency of each arm ([None]: not a real-time run)."""
+    if args.latency is not None and args.latency_model is not None:
+        raise SetupError("give --latency or --latency-model, not both")
+    if args.latency is None and args.latency_model is None:
+        return [None]
+    latencies = parse_latencies(args.latency) if args.latency is not None else [parse_model(args.latency_model)]
+    check_latencies(latencies, policy.replan_steps)
+    return latencies
 
 
 def checked_policy(address: str, task: str, policy: Policy, load_options: Dict[str, Any],
@@ -408,19 +433,22 @@ def evaluate(args: argparse.Namespace, policy: Policy, tasks: List[str], load_op
         addresses=addresses, tasks=tasks, episodes=args.episodes, parallel=args.parallel, results_path=args.results,
         load_options=load_options, timeout_s=args.timeout, videos=videos, keep_thumbnails=bool(args.report),
         force=args.force, client_options=client_options, record_actions=not args.no_actions,
-        policy_inputs=inputs.as_json(), policy_timeout_s=args.policy_timeout)
+        policy_inputs=inputs.as_json(), policy_timeout_s=args.policy_timeout, latencies=args.latencies)
     started = time.monotonic()
     evaluation = Evaluation(settings, policy, address_source)
     results = evaluation.run()
     write_outputs(args, evaluation, tasks, time.monotonic() - started)
     lost = sum(r.failure == "server_lost" for r in results)
-    return 0 if len(results) == len(tasks) * args.episodes and not lost else 1
+    return 0 if len(results) == len(tasks) * args.episodes * len(args.latencies) and not lost else 1
 
 
 def write_outputs(args: argparse.Namespace, evaluation: Evaluation, tasks: List[str], elapsed_s: float) -> None:
     """The table on stdout, and the chart, LeRobot JSON and report that were asked for."""
-    rows = summarize(evaluation.results)
+    rows = summarize_run(evaluation.results)
     print_table(rows)
+    sweep = latency_rows(evaluation.results)
+    if sweep:
+        print_latency_table(sweep)
     if evaluation.retried:
         print(f"retried {len(evaluation.retried)} episode attempt(s); see 'retried' in the results file")
     if args.chart:

@@ -68,6 +68,7 @@ class EpisodeTrace:
     rewards: List[float] = field(default_factory=list)
     checks: List[int] = field(default_factory=list)  # the step count after each round trip
     check_digests: List[str] = field(default_factory=list)  # the state digest there
+    latency_steps: Optional[List[int]] = None  # a real-time episode's delay at each policy call
 
     @property
     def steps(self) -> int:
@@ -131,16 +132,20 @@ class ActionsSidecar:
         self.folder = os.path.splitext(results_path)[0] + ".actions"
 
     @staticmethod
-    def file_name(task: str, init_state_index: int) -> str:
+    def file_name(task: str, init_state_index: int, latency: Any = None) -> str:
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", task.replace("/", "__"))
-        return f"{stem}__init{init_state_index:03d}.npz"
+        suffix = "" if latency is None else "__latency_" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(latency))
+        return f"{stem}__init{init_state_index:03d}{suffix}.npz"
 
-    def save(self, task: str, init_state_index: int, trace: EpisodeTrace) -> str:
-        """Write the episode's file (atomically; a rerun replaces it) and return its name."""
+    def save(self, task: str, init_state_index: int, trace: EpisodeTrace, latency: Any = None) -> str:
+        """Write the episode's file (atomically; a rerun replaces it) and return its name; a real-time
+        episode's file also holds `latency_steps`, the delay of each policy call."""
         os.makedirs(self.folder, exist_ok=True)
-        name = self.file_name(task, init_state_index)
+        name = self.file_name(task, init_state_index, latency)
         temporary = os.path.join(self.folder, name + ".tmp.npz")
         arrays = {ACTION_PREFIX + key: value for key, value in trace.action_arrays().items()}
+        if trace.latency_steps is not None:
+            arrays["latency_steps"] = np.asarray(trace.latency_steps, dtype=np.int64)
         np.savez_compressed(temporary, rewards=np.asarray(trace.rewards, dtype=np.float64),
                             checks=np.asarray(trace.checks, dtype=np.int64),
                             check_digests=np.asarray(trace.check_digests, dtype="<U64"), **arrays)

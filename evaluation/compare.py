@@ -20,7 +20,7 @@ from evaluation.stats import finite_or_none, mean_interval, wilson_interval
 # The task settings that decide a score; two runs that differ in one are not comparable (--force).
 SCORE_SETTINGS = ("convention", "max_episode_steps", "settle_steps", "flip_images", "state_vector", "image_size",
                   "simulator_stack", "renderer")
-EpisodeKey = Tuple[str, int, Optional[int]]
+EpisodeKey = Tuple[str, int, Optional[int], Any]  # task, init state, seed, latency
 
 
 @dataclass
@@ -143,7 +143,7 @@ def setting_differences(run_a: Dict[str, Any], run_b: Dict[str, Any], tasks: Lis
 
 def scored(episodes: List[EpisodeRecord]) -> Dict[EpisodeKey, EpisodeRecord]:
     """Records by episode key; episodes a server loss cut short are no score and left out."""
-    return {(r.task, r.init_state_index, r.seed): r for r in episodes if r.failure != "server_lost"}
+    return {(r.task, r.init_state_index, r.seed, r.latency_steps): r for r in episodes if r.failure != "server_lost"}
 
 
 def group(name: str, keys: List[EpisodeKey], episodes_a: Dict[EpisodeKey, EpisodeRecord],

@@ -8,7 +8,7 @@ Needs websockets and Pillow.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import msgpack
 import numpy as np
@@ -84,24 +84,24 @@ class OpenpiPolicy:
     Protocol (openpi's websocket_policy_server.py): after the handshake the server sends one
     msgpack frame of metadata; then each binary frame we send (an observation) is answered by
     one binary frame with "actions" of shape (H, 7). A text frame is a server-side traceback,
-    followed by close code 1011. Each call returns the first `replan_steps` actions, which the
-    runner executes as one chunk step, as openpi's loop replans every 5. A reply that does not
+    followed by close code 1011. Each call returns the whole chunk; the runner executes its first
+    `--replan-steps` actions as one chunk step, as openpi's loop replans every 5. With `send_prefix`
+    a real-time run's request carries `prefix_actions`, the [D, 7] actions that run during the
+    call's delay (realtime.py). A reply that does not
     come within `timeout_s` fails the episode with policy_timeout; that connection is dropped,
     so its late reply is never taken for the next observation's.
     """
 
-    def __init__(self, url: str, replan_steps: int, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, send_prefix: bool = False) -> None:
         host, _, port = url[len("openpi://"):].rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise SetupError(f"--policy {url!r}: write openpi://HOST:PORT")
-        if replan_steps < 1:
-            raise SetupError("--replan-steps must be at least 1")
         try:
             import PIL  # noqa: F401
             from websockets.sync.client import connect  # noqa: F401
         except ImportError:
             raise SetupError("openpi:// needs websockets and Pillow: pip install websockets pillow") from None
-        self.uri, self.replan_steps, self.timeout_s = f"ws://{host}:{port}", replan_steps, timeout_s
+        self.uri, self.timeout_s, self.send_prefix = f"ws://{host}:{port}", timeout_s, send_prefix
         self.local = threading.local()
         self.metadata = self._connection_metadata()
 
@@ -130,11 +130,15 @@ class OpenpiPolicy:
                 return self.metadata[key]
         return None
 
-    def __call__(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> np.ndarray:
+    def __call__(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any],
+                 prefix: Optional[np.ndarray] = None) -> np.ndarray:
         if getattr(self.local, "connection", None) is None:
             self.local.connection, _ = self._connect()
         connection = self.local.connection
-        connection.send(openpi_pack(openpi_observation(observation, task_info)))
+        request = openpi_observation(observation, task_info)
+        if self.send_prefix and prefix is not None:
+            request["prefix_actions"] = np.asarray(prefix, dtype=np.float32)
+        connection.send(openpi_pack(request))
         try:
             reply = connection.recv(timeout=self.timeout_s)
         except TimeoutError:
@@ -144,7 +148,7 @@ class OpenpiPolicy:
         if isinstance(reply, str):  # the server's traceback; it closes the connection next
             self._drop_connection()
             raise PolicyError(f"openpi policy server failed:\n{reply}")
-        return np.asarray(openpi_unpack(reply)["actions"])[:self.replan_steps]
+        return np.asarray(openpi_unpack(reply)["actions"])
 
     def _drop_connection(self) -> None:
         self.local.connection.close()

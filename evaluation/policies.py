@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from evaluation import PolicyError, PolicyTimeout, SetupError
+from evaluation.realtime import accepts_prefix
 from sim_client import zero_action
 
 DEFAULT_BATCH_WAIT_MS = 10.0
@@ -54,7 +55,9 @@ class Policy:
     `convention` is the observation convention the policy declares (a module's CONVENTION, openpi's
     "openpi"; --convention overrides it), `expects` the inputs it declares (key -> {"shape", "dtype"}),
     checked before the first episode against `inputs_of(observation, task_info)`, what it is given.
-    With `clip_actions`, every action is clipped into the action spec's bounds.
+    With `clip_actions`, every action is clipped into the action spec's bounds. `replan_steps` is how
+    many actions of each chunk run between calls (None: the whole chunk); `takes_prefix` whether `act`
+    takes the actions that will run during its delay (`prefix=`, real-time runs: realtime.py).
     """
 
     def __init__(self, act: Callable, reset: Optional[Callable] = None, name: str = "",
@@ -65,15 +68,19 @@ class Policy:
         self.convention, self.expects = convention, expects
         self.inputs_of = inputs_of or (lambda observation, task_info: observation)
         self.clip_actions = False
+        self.replan_steps: Optional[int] = None
+        self.takes_prefix = False
 
     @property
     def load_options(self) -> Dict[str, Any]:
         """The load_task options the policy needs: its convention."""
         return {"convention": self.convention} if self.convention else {}
 
-    def act(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any]) -> Any:
+    def act(self, observation: Dict[str, np.ndarray], task_info: Dict[str, Any],
+            prefix: Optional[np.ndarray] = None) -> Any:
         try:
-            action = self._act(observation, task_info)
+            action = self._act(observation, task_info) if prefix is None else \
+                self._act(observation, task_info, prefix=prefix)
         except PolicyError:
             raise
         except Exception:
@@ -132,16 +139,34 @@ def normalized_expectations(declared: Any, source: str) -> Dict[str, Dict[str, A
 
 
 def load_policy(spec: str, batch_size: int = 1, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-                timeout_s: float = DEFAULT_POLICY_TIMEOUT_S, replan_steps: Optional[int] = None) -> Policy:
+                timeout_s: float = DEFAULT_POLICY_TIMEOUT_S, replan_steps: Optional[int] = None,
+                send_prefix: bool = False) -> Policy:
     """A built-in policy, `module:name` importable from the current folder, or openpi://HOST:PORT
-    (which executes `replan_steps` actions of each chunk, openpi's 5 by default)."""
-    if spec.startswith("openpi://"):
-        from evaluation.openpi import DEFAULT_REPLAN_STEPS, OpenpiPolicy, openpi_observation
+    (openpi's loop runs 5 actions of each chunk; others the whole chunk, unless `replan_steps` says).
+    With `send_prefix`, an openpi server gets the actions that run during its delay (`prefix_actions`)."""
+    if replan_steps is not None and replan_steps < 1:
+        raise SetupError("--replan-steps must be at least 1")
+    policy = _loaded_policy(spec, batch_size, batch_wait_ms, timeout_s, send_prefix)
+    if spec.startswith("openpi://") and replan_steps is None:
+        from evaluation.openpi import DEFAULT_REPLAN_STEPS
 
-        served = OpenpiPolicy(spec, DEFAULT_REPLAN_STEPS if replan_steps is None else replan_steps, timeout_s)
+        replan_steps = DEFAULT_REPLAN_STEPS
+    policy.replan_steps = replan_steps
+    return policy
+
+
+def _loaded_policy(spec: str, batch_size: int, batch_wait_ms: float, timeout_s: float, send_prefix: bool) -> Policy:
+    if spec.startswith("openpi://"):
+        from evaluation.openpi import OpenpiPolicy, openpi_observation
+
+        served = OpenpiPolicy(spec, timeout_s, send_prefix)
         declared = served.declared_inputs()
         expects = normalized_expectations(declared, f"{spec} metadata") if declared is not None else None
-        return Policy(served, name=served.uri, convention="openpi", expects=expects, inputs_of=openpi_observation)
+        policy = Policy(served, name=served.uri, convention="openpi", expects=expects, inputs_of=openpi_observation)
+        policy.takes_prefix = send_prefix
+        return policy
+    if send_prefix:
+        raise SetupError("--send-prefix is for openpi:// policies; a module policy that takes prefix= gets it")
     if spec in BUILTIN_POLICIES:
         if batch_size > 1:
             raise SetupError(f"--batch-size needs a batched module:function policy, not {spec!r}")
@@ -165,14 +190,16 @@ def load_policy(spec: str, batch_size: int = 1, batch_wait_ms: float = DEFAULT_B
     else:
         act = timed(target, TimedCalls(timeout_s))
         reset_hook = timed(reset_hook, act.calls) if reset_hook is not None else None
-    return Policy(act, reset_hook, name=spec, convention=declared_convention(module, spec),
-                  expects=declared_inputs(module, target, spec))
+    policy = Policy(act, reset_hook, name=spec, convention=declared_convention(module, spec),
+                    expects=declared_inputs(module, target, spec))
+    policy.takes_prefix = batch_size == 1 and accepts_prefix(target)
+    return policy
 
 
 def timed(function: Callable, calls: TimedCalls) -> Callable:
     """`function` run through `calls` (its time bounded), keeping its name for messages."""
-    def bounded(*args: Any) -> Any:
-        return calls.call(function, *args)
+    def bounded(*args: Any, **keywords: Any) -> Any:
+        return calls.call(function, *args, **keywords)
 
     bounded.__name__ = getattr(function, "__name__", "policy")
     bounded.calls = calls  # type: ignore[attr-defined]
@@ -208,11 +235,11 @@ class TimedCalls:
         self.timeout_s = timeout_s
         self.local = threading.local()
 
-    def call(self, function: Callable, *args: Any) -> Any:
+    def call(self, function: Callable, *args: Any, **keywords: Any) -> Any:
         helper = getattr(self.local, "helper", None)
         if helper is None:
             helper = self.local.helper = _Helper()
-        slot = helper.submit(function, args)
+        slot = helper.submit(function, args, keywords)
         if not slot.done.wait(self.timeout_s):
             self.local.helper = None  # it is stuck in the policy: the next call gets a fresh helper
             name = getattr(function, "__name__", "the policy")
@@ -226,6 +253,7 @@ class TimedCalls:
 class _Call:
     function: Callable
     args: Tuple[Any, ...]
+    keywords: Dict[str, Any]
     done: threading.Event
     action: Any = None
     error: Optional[str] = None
@@ -238,8 +266,8 @@ class _Helper:
         self.calls: queue.Queue = queue.Queue()
         threading.Thread(target=self._serve, name="policy-call", daemon=True).start()
 
-    def submit(self, function: Callable, args: Tuple[Any, ...]) -> _Call:
-        call = _Call(function, args, threading.Event())
+    def submit(self, function: Callable, args: Tuple[Any, ...], keywords: Dict[str, Any]) -> _Call:
+        call = _Call(function, args, keywords, threading.Event())
         self.calls.put(call)
         return call
 
@@ -247,7 +275,7 @@ class _Helper:
         while True:
             call = self.calls.get()
             try:
-                call.action = call.function(*call.args)
+                call.action = call.function(*call.args, **call.keywords)
             except Exception:
                 call.error = traceback.format_exc()
             call.done.set()

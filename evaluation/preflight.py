@@ -16,6 +16,7 @@ import numpy as np
 
 from evaluation import PolicyError, SetupError
 from evaluation.policies import Policy, clipped
+from evaluation.realtime import as_chunk
 from evaluation.runner import reset_episode
 from sim_client import InvalidParams, ServerError, SimulatorClient
 
@@ -148,6 +149,8 @@ def check_policy(sim: SimulatorClient, simulator: str, task: str, policy: Policy
     except PolicyError as error:
         raise SetupError(f"the policy failed on {task}'s first observation: "
                          f"{str(error).strip().splitlines()[-1]}") from None
+    if policy.replan_steps is not None and not isinstance(action, dict):  # what a run sends of the chunk
+        action = as_chunk(action, task_info)[:policy.replan_steps]
     problems, outside = action_problems(action, task_info)
     if not problems:
         problems += step_problem(sim, clipped(action, task_info["action_spec"]) if clip_actions else action)

@@ -46,6 +46,7 @@ class EpisodeRecord:
     actions_file: Optional[str] = None  # its file in the actions sidecar (RESULTS.actions/)
     digests: Optional[Dict[str, str]] = None  # SHA-256 of the actions, the final state and the final frames
     forked_from: Optional[Dict[str, Any]] = None  # a fork's parent episode and the step it took over at
+    latency_steps: Optional[Any] = None  # a real-time episode's latency: D, "measured" or its model (realtime.py)
 
     @classmethod
     def failed(cls, task: str, init_state_index: int, failure: str, error: str, **fields: Any) -> EpisodeRecord:
@@ -82,7 +83,7 @@ RECORD_FIELDS: Dict[str, Tuple[type, ...]] = {
     "steps": (int,), "failure": (str, type(None)), "error": (str, type(None)), "sum_reward": (int, float),
     "max_reward": (int, float), "seconds": (int, float), "address": (str, type(None)), "attempts": (int,),
     "video": (str, type(None)), "actions_file": (str, type(None)), "digests": (dict, type(None)),
-    "forked_from": (dict, type(None)),
+    "forked_from": (dict, type(None)), "latency_steps": (int, str, type(None)),
 }
 REQUIRED_FIELDS = ("task", "init_state_index", "seed", "success", "steps", "failure")
 

@@ -4,6 +4,7 @@ one self-contained HTML page."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 
 from evaluation.records import EpisodeRecord, task_group
 from evaluation.stats import finite_or_none, mean_interval, wilson_interval
+from evaluation.sweep import latency_rows, latency_section
 
 
 @dataclass
@@ -88,9 +90,22 @@ def summarize(records: List[EpisodeRecord], group_of: Callable[[str], str] = lam
     return rows
 
 
+def summarize_run(records: List[EpisodeRecord], group_of: Callable[[str], str] = lambda task: task) -> List[Row]:
+    """summarize(), per latency for a latency sweep (rows named "TASK @ latency D"): a sweep's arms
+    are different conditions, never pooled."""
+    labels = sorted({r.latency_steps for r in records}, key=lambda label: (not isinstance(label, int), str(label)))
+    if len(labels) < 2:
+        return summarize(records, group_of)
+    rows = []
+    for label in labels:
+        arm = [r for r in records if r.latency_steps == label]
+        rows += [dataclasses.replace(row, name=f"{row.name} @ latency {label}") for row in summarize(arm, group_of)]
+    return rows
+
+
 def summary_json(records: List[EpisodeRecord]) -> Dict[str, Any]:
-    """Per task and overall: episodes and the score with its 95% interval (see Row)."""
-    return {row.name: row.as_json() for row in summarize(records)}
+    """Per task and overall (per latency in a sweep): episodes and the score with its 95% interval (see Row)."""
+    return {row.name: row.as_json() for row in summarize_run(records)}
 
 
 def print_table(rows: List[Row]) -> None:
@@ -206,6 +221,10 @@ def _comparison(comparison) -> str:
             f'<table class="episodes comparison"><tr>{head}</tr>{rows}</table>')
 
 
+def _latency(record: EpisodeRecord) -> str:
+    return "" if record.latency_steps is None else f" @ latency {html.escape(str(record.latency_steps))}"
+
+
 def episode_outcome(record: EpisodeRecord) -> str:
     """"success", the failure, or for a task without a success criterion its return and how it ended."""
     if record.success is None:
@@ -231,7 +250,7 @@ def write_report(path: str, evaluation, comparison=None) -> None:
     """One self-contained HTML page of a finished Evaluation: provenance, success bars with 95% intervals,
     every episode; with `comparison` (compare_runs' result, or the reason it was refused) the paired
     comparison with another run."""
-    results = sorted(evaluation.results, key=lambda r: (r.task, r.init_state_index))
+    results = sorted(evaluation.results, key=lambda r: (str(r.latency_steps), r.task, r.init_state_index))
     run = evaluation.run_info()
     meta = "".join(f"<tr><td>{html.escape(key)}</td><td><code>{_cell(value)}</code></td></tr>"
                    for key, value in run.items())
@@ -239,12 +258,13 @@ def write_report(path: str, evaluation, comparison=None) -> None:
                       for address, info in evaluation.servers.items())
     settings = "".join(f"<tr><td>{html.escape(task)}</td><td><code>{_cell(values)}</code></td></tr>"
                        for task, values in sorted(evaluation.task_settings.items()))
-    suites = summarize(results, task_group)
+    suites = summarize_run(results, task_group)
     episodes = []
     for record in results:
         outcome = episode_outcome(record)
         episodes.append(
-            f'<tr class="episode"><td>{html.escape(record.task)}</td><td>{record.init_state_index}</td>'
+            f'<tr class="episode"><td>{html.escape(record.task)}{_latency(record)}</td>'
+            f'<td>{record.init_state_index}</td>'
             f'<td>{_cell(record.seed)}</td>'
             f'<td class="{outcome_class(record)}">{html.escape(outcome)}</td>'
             f'<td>{record.steps}</td><td>{record.seconds:.1f}</td><td>{_media(record, evaluation.thumbnails)}'
@@ -257,7 +277,8 @@ def write_report(path: str, evaluation, comparison=None) -> None:
 <h2>Score by suite</h2>
 {_bars(suites)}
 <h2>Score by task</h2>
-{_bars(summarize(results))}
+{_bars(summarize_run(results))}
+{latency_section(latency_rows(results))}
 {_comparison(comparison)}
 <h2>Episodes ({len(results)})</h2>
 <table class="episodes"><tr><th>task</th><th>init state</th><th>seed</th><th>outcome</th><th>steps</th>

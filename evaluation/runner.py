@@ -22,6 +22,7 @@ from evaluation import PolicyError, SetupError
 from evaluation.actions import ActionsSidecar, EpisodeTrace, image_keys, named_actions
 from evaluation.policies import DEFAULT_POLICY_TIMEOUT_S, Policy
 from evaluation.pool import SessionPool
+from evaluation.realtime import ChunkSchedule, Latency, episode_generator
 from evaluation.records import EpisodeRecord, ResultsFile, utc_now
 from evaluation.report import summary_json
 from evaluation.videos import VideoWriter, png_base64
@@ -73,6 +74,7 @@ class EvaluationSettings:
     record_actions: bool = True  # keep every episode's actions beside the results file (replay, verify)
     policy_inputs: Optional[Dict[str, Any]] = None  # what the policy check found the policy gets (preflight.py)
     policy_timeout_s: float = DEFAULT_POLICY_TIMEOUT_S  # what bounds one policy call (--policy-timeout)
+    latencies: List[Optional[Latency]] = field(default_factory=lambda: [None])  # each episode runs at each
 
 
 def reset_episode(sim: SimulatorClient, task_info: Dict[str, Any], index: int
@@ -101,6 +103,7 @@ class Episode:
         # None for a task without a success criterion: scored by its return, never by a made-up rate
         self.success: Optional[bool] = False if task_info.get("has_success", True) else None
         self.horizon = task_info.get("max_episode_steps") or MAX_UNLIMITED_STEPS
+        self.latency: Optional[Latency] = None  # a real-time episode's latency (run_policy)
 
     def step(self, sim: SimulatorClient, action: Any, render: bool = True) -> Dict[str, Any]:
         """Send one action or chunk, keep what came back; the reply."""
@@ -120,14 +123,25 @@ class Episode:
             self.failure = None if self.success else ("horizon" if result["truncated"] else "terminated")
         return result
 
-    def run_policy(self, sim: SimulatorClient, policy: Policy) -> None:
-        """The policy acts until the episode ends or reaches its horizon; a policy failure fails it."""
+    def run_policy(self, sim: SimulatorClient, policy: Policy, latency: Optional[Latency] = None) -> None:
+        """The policy acts until the episode ends or reaches its horizon; a policy failure fails it.
+        With `policy.replan_steps` (or a `latency`) its chunks run as realtime.ChunkSchedule says."""
+        schedule = None
+        if policy.replan_steps is not None or latency is not None:
+            schedule = ChunkSchedule(policy, policy.replan_steps, latency, self.task_info,
+                                     episode_generator(self.task, self.index))
+            self.latency = latency
         try:
             policy.reset(self.task_info)
             while self.steps < self.horizon and not self.ended:
-                self.step(sim, policy.act(self.observation, self.task_info))
+                if schedule is None:
+                    self.step(sim, policy.act(self.observation, self.task_info))
+                else:
+                    self.step(sim, schedule.next_actions(self.observation))
         except PolicyError as policy_error:
             self.failure, self.error = policy_error.failure, str(policy_error)[-4000:]
+        if latency is not None:
+            self.trace.latency_steps = schedule.latency_steps
 
     def record(self) -> EpisodeRecord:
         """The finished episode's record, with its digests."""
@@ -137,16 +151,18 @@ class Episode:
                              steps=self.steps, failure=self.failure, error=self.error, sum_reward=float(sum(rewards)),
                              max_reward=float(max(rewards)) if rewards else 0.0,
                              seconds=round(time.monotonic() - self.started, 3),
-                             digests=self.trace.digests(self.observation))
+                             digests=self.trace.digests(self.observation),
+                             latency_steps=self.latency.label if self.latency is not None else None)
 
 
 def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], policy: Policy, index: int,
-                record_key: Optional[str] = None, every_frame: bool = False) -> Episode:
+                record_key: Optional[str] = None, every_frame: bool = False,
+                latency: Optional[Latency] = None) -> Episode:
     """One episode from init state `index` (or seed `index`) to the task's horizon, driven by
-    `policy`; see Episode for what it keeps."""
+    `policy` (in real time when a `latency` is given); see Episode for what it keeps."""
     started = time.monotonic()
     episode = Episode(task, task_info, index, reset_episode(sim, task_info, index), record_key, every_frame, started)
-    episode.run_policy(sim, policy)
+    episode.run_policy(sim, policy, latency)
     return episode
 
 
@@ -169,7 +185,12 @@ class Job:
 
     task: str
     index: int
+    latency: Optional[Latency] = None
     attempts: int = 0
+
+    @property
+    def key(self) -> Tuple[str, int, Any]:
+        return self.task, self.index, self.latency.label if self.latency is not None else None
 
 
 class Evaluation:
@@ -186,13 +207,18 @@ class Evaluation:
         self.addresses = list(settings.addresses)
         self.load_options = {**policy.load_options, **settings.load_options}
         self.run_settings = {"policy": policy.name, "load_options": self.load_options}
+        if policy.replan_steps is not None:
+            self.run_settings["replan_steps"] = policy.replan_steps
+        if settings.latencies != [None]:
+            self.run_settings["latencies"] = [latency.label for latency in settings.latencies]
         self.results_file = ResultsFile(settings.results_path)
         self.sidecar = ActionsSidecar(settings.results_path) if settings.record_actions and settings.results_path \
             else None
         self.results = self.results_file.finished_episodes(self.run_settings, settings.force, self._consistent)
-        done = {(r.task, r.init_state_index) for r in self.results}
-        self.jobs = [Job(task, index) for task in settings.tasks for index in range(settings.episodes)
-                     if (task, index) not in done]
+        done = {(r.task, r.init_state_index, r.latency_steps) for r in self.results}
+        self.jobs = [job for latency in settings.latencies for task in settings.tasks
+                     for job in [Job(task, index, latency) for index in range(settings.episodes)]
+                     if job.key not in done]
         self.started_at, self.finished_at = utc_now(), None
         self.earlier_invocations = self.results_file.earlier_invocations()
         self.thumbnails: Dict[Tuple[str, int], List[str]] = {}  # (task, index) -> first and last frame, PNG base64
@@ -262,7 +288,8 @@ class Evaluation:
         try:
             task_info = session.ready(address, job.task)
             episode = run_episode(session.sim, job.task, task_info, self.policy, job.index,
-                                  self._record_key(task_info), every_frame=self.settings.videos is not None)
+                                  self._record_key(task_info), every_frame=self.settings.videos is not None,
+                                  latency=job.latency)
         except (ServerTimeout, BackendError, ServerBusy) as error:
             if isinstance(error, ServerTimeout):  # gone: not asked again, its session left to be reaped
                 with self.lock:
@@ -275,7 +302,8 @@ class Evaluation:
             self._give_back(job, f"{type(error).__name__} on {address}: {error}")
             return
         except ServerError as error:  # the server refused an action or a reset: a failed episode
-            record = EpisodeRecord.failed(job.task, job.index, "simulator_error", f"{type(error).__name__}: {error}")
+            record = EpisodeRecord.failed(job.task, job.index, "simulator_error", f"{type(error).__name__}: {error}",
+                                          latency_steps=job.key[2])
             record.success = False if session.task_info.get("has_success", True) else None
             record.address, record.attempts = address, job.attempts + 1
             self._finish(record, [])
@@ -283,7 +311,8 @@ class Evaluation:
         record = episode.record()
         record.address, record.attempts = address, job.attempts + 1
         if self.sidecar is not None:
-            record.actions_file = self.sidecar.save(record.task, record.init_state_index, episode.trace)
+            record.actions_file = self.sidecar.save(record.task, record.init_state_index, episode.trace,
+                                                    record.latency_steps)
         self._finish(record, episode.frames)
 
     def _next_job(self) -> Optional[Job]:
@@ -330,8 +359,8 @@ class Evaluation:
                 self.jobs.append(job)
         if not retry:
             self.progress.note(f"gave up on {job.task} #{job.index}: {why[:120]}")
-            self._finish(EpisodeRecord.failed(job.task, job.index, "server_lost", why[:2000], attempts=job.attempts),
-                         [])
+            self._finish(EpisodeRecord.failed(job.task, job.index, "server_lost", why[:2000], attempts=job.attempts,
+                                              latency_steps=job.key[2]), [])
 
     def _record_key(self, task_info: Dict[str, Any]) -> Optional[str]:
         videos = self.settings.videos
