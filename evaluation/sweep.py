@@ -20,6 +20,7 @@ class LatencyRow:
     latency: Any  # D, "measured" or a model's text
     episodes: int
     successes: int
+    mean_steps: float  # how long its episodes ran: a latency may slow a policy down before it fails it
     paired: Optional[PairedComparison]  # None for the baseline itself
 
     @property
@@ -32,7 +33,7 @@ class LatencyRow:
     def as_json(self) -> Dict[str, Any]:
         low, high = self.interval()
         row = {"latency_steps": self.latency, "episodes": self.episodes, "successes": self.successes,
-               "success_rate": self.rate, "success_95": [low, high]}
+               "success_rate": self.rate, "success_95": [low, high], "mean_steps": self.mean_steps}
         if self.paired is not None:
             row["paired_with_baseline"] = self.paired.as_json()
         return row
@@ -51,13 +52,14 @@ def latency_rows(records: List[EpisodeRecord]) -> List[LatencyRow]:
     if len(labels) < 2:
         return []
     baseline = 0 if 0 in labels else labels[0]
-    by_latency = {label: {(r.task, r.init_state_index): r.success for r in scored if r.latency_steps == label}
+    by_latency = {label: {(r.task, r.init_state_index): r for r in scored if r.latency_steps == label}
                   for label in labels}
+    outcomes = {label: {key: r.success for key, r in arm.items()} for label, arm in by_latency.items()}
     rows = []
     for label in labels:
-        outcomes = by_latency[label]
-        paired = None if label == baseline else paired_with(by_latency[baseline], outcomes, f"latency {label}")
-        rows.append(LatencyRow(label, len(outcomes), sum(outcomes.values()), paired))
+        paired = None if label == baseline else paired_with(outcomes[baseline], outcomes[label], f"latency {label}")
+        steps = [r.steps for r in by_latency[label].values()]
+        rows.append(LatencyRow(label, len(steps), sum(outcomes[label].values()), sum(steps) / len(steps), paired))
     return rows
 
 
@@ -74,10 +76,12 @@ def paired_with(baseline: Dict[Tuple[str, int], bool], other: Dict[Tuple[str, in
 
 def print_latency_table(rows: List[LatencyRow]) -> None:
     """The sweep as text: success per latency, and the paired drop from the baseline."""
-    print(f"{'latency':>10s}  episodes  success  95% interval    paired change  95% interval     McNemar p")
+    print(f"{'latency':>10s}  episodes  success  95% interval  mean steps    paired change  95% interval     "
+          "McNemar p")
     for row in rows:
         low, high = row.interval()
-        line = f"{str(row.latency):>10s}  {row.episodes:8d}  {row.rate:7.2f}  [{low:.2f}, {high:.2f}]"
+        line = (f"{str(row.latency):>10s}  {row.episodes:8d}  {row.rate:7.2f}  [{low:.2f}, {high:.2f}]  "
+                f"{row.mean_steps:10.1f}")
         if row.paired is not None:
             change_low, change_high = row.paired.interval()
             line += (f"    {row.paired.rate_b - row.paired.rate_a:+13.2f}  [{change_low:+.2f}, {change_high:+.2f}]"
@@ -131,7 +135,8 @@ def latency_section(rows: List[LatencyRow]) -> str:
             change = (f"{row.paired.rate_b - row.paired.rate_a:+.2f} [{change_low:+.2f}, {change_high:+.2f}], "
                       f"McNemar p {row.paired.p_value():.3g} ({row.paired.pairs} pairs)")
         cells.append(f"<tr><td>{html.escape(str(row.latency))}</td><td>{row.episodes}</td>"
-                     f"<td>{row.rate:.2f} [{low:.2f}, {high:.2f}]</td><td>{html.escape(change)}</td></tr>")
+                     f"<td>{row.rate:.2f} [{low:.2f}, {high:.2f}]</td><td>{row.mean_steps:.1f}</td>"
+                     f"<td>{html.escape(change)}</td></tr>")
     return (f"<h2>Success against latency</h2>\n{latency_svg(rows)}\n<table class=\"meta latency\"><tr><th>latency"
-            f"</th><th>episodes</th><th>success [95%]</th><th>paired change from baseline</th></tr>{''.join(cells)}"
-            "</table>")
+            f"</th><th>episodes</th><th>success [95%]</th><th>mean steps</th><th>paired change from baseline</th>"
+            f"</tr>{''.join(cells)}</table>")

@@ -188,6 +188,20 @@ def test_the_metaworld_reach_example_succeeds_through_the_server_on_a_single_tas
 
 
 @pytest.mark.slow
+def test_the_chunked_reach_example_runs_a_paired_latency_sweep_on_metaworld(metaworld_server, tmp_path):
+    results = tmp_path / "sweep.json"
+    result = run_eval_cli("--address", metaworld_server.address, "--tasks", "metaworld/reach-v3", "--episodes", "4",
+                          "--parallel", "2", "--policy", "examples.metaworld_reach:act_chunk", "--replan-steps", "5",
+                          "--latency", "0,4", "--load-option", "cameras=[]", "--results", str(results))
+    assert result.returncode == 0, result.stderr
+    episodes = json.loads(results.read_text())["episodes"]
+    assert sorted((e["latency_steps"], e["init_state_index"]) for e in episodes) == [(d, i) for d in (0, 4)
+                                                                                      for i in range(4)]
+    assert sum(e["success"] for e in episodes) >= 6, [(e["latency_steps"], e["success"]) for e in episodes]
+    assert "paired change" in result.stdout
+
+
+@pytest.mark.slow
 def test_sim_eval_runs_a_metaworld_suite_with_its_report(metaworld_server, tmp_path):
     report, results = tmp_path / "report.html", tmp_path / "results.json"
     result = run_eval_cli("--address", metaworld_server.address, "--suite", "metaworld/very_hard", "--episodes", "1",
