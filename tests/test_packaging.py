@@ -30,7 +30,7 @@ from tests.shared import (
 # --- installed with pip rather than cloned ------------------------------------
 
 PACKAGED = ["pyproject.toml", "README.md", "sim_server.py", "sim_client.py", "sim_eval.py", "sim_gym.py",
-            "sim_tasks.py", "backends", "server", "evaluation"]
+            "sim_tasks.py", "parity_sim.py", "backends", "server", "evaluation"]
 
 
 @pytest.mark.slow
@@ -51,13 +51,14 @@ def test_pip_installed_project_serves_from_its_commands(tmp_path):
     wheel = next((tmp_path / "dist").glob("*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist() if ".dist-info" not in name}
-    assert tops == {"sim_server.py", "sim_client.py", "sim_eval.py", "sim_gym.py", "sim_tasks.py", "backends", "server",
-                    "evaluation"}
+        assert "backends/libero_parity_reference.json" in archive.namelist()
+    assert tops == {"sim_server.py", "sim_client.py", "sim_eval.py", "sim_gym.py", "sim_tasks.py", "parity_sim.py",
+                    "backends", "server", "evaluation"}
     subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(tmp_path / "venv")], check=True, timeout=300)
     subprocess.run([uv, "pip", "install", "-q", "--python", str(tmp_path / "venv" / "bin" / "python"), str(wheel)],
                    check=True, timeout=600, capture_output=True)
     bin_folder = tmp_path / "venv" / "bin"
-    for command in ("sim-server", "sim-eval", "sim-client"):
+    for command in ("sim-server", "sim-eval", "sim-client", "sim-tasks", "sim-parity"):
         assert subprocess.run([str(bin_folder / command), "--help"], capture_output=True, timeout=120,
                               cwd=tmp_path).returncode == 0, command
     server = ServerProcess("mock", command=[str(bin_folder / "sim-server")])
