@@ -407,6 +407,9 @@ def chosen_latencies(args: argparse.Namespace, policy: Policy) -> List[Optional[
         return [None]
     latencies = parse_latencies(args.latency) if args.latency is not None else [parse_model(args.latency_model)]
     check_latencies(latencies, policy.replan_steps)
+    if len(latencies) > 1 and getattr(args, "lerobot_json", None):
+        raise SetupError("--lerobot-json holds one condition and a latency sweep has several: run one --latency "
+                         "at a time for it")
     return latencies
 
 

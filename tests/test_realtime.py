@@ -149,6 +149,7 @@ def test_measured_latency_is_each_calls_own_time_in_control_steps(long_mock_serv
     (("--replan-steps", "5", "--latency-model", "gamma:1"), "fixed:MS or lognormal"),
     (("--replan-steps", "0"), "--replan-steps must be at least 1"),
     (("--send-prefix",), "--send-prefix is for openpi://"),
+    (("--replan-steps", "5", "--latency", "0,2", "--lerobot-json", "x.json"), "run one --latency at a time"),
 ])
 def test_bad_real_time_flags_are_one_line_and_exit_2(long_mock_server, tmp_path, flags, message):
     write_policy(tmp_path, horizon=10)

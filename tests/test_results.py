@@ -442,6 +442,55 @@ def test_an_openpi_server_declaring_other_inputs_is_refused_before_any_episode(o
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "calls.jsonl").exists()  # no inference call
 
 
+PREFIX_LOGGING_SERVER = '''
+import json, sys
+import numpy as np
+from openpi_client import base_policy
+from openpi_server.websocket_policy_server import WebsocketPolicyServer
+
+class PrefixLoggingPolicy(base_policy.BasePolicy):
+    def infer(self, obs):
+        prefix = obs.get("prefix_actions")
+        said = None if prefix is None else [list(prefix.shape), str(prefix.dtype),
+                                            [round(float(v), 6) for v in prefix[:, 0]]]
+        with open(sys.argv[2], "a") as log:
+            log.write(json.dumps({"keys": sorted(obs), "prefix": said}) + "\\n")
+        actions = np.zeros((10, 7))
+        actions[:, 0] = np.arange(10) / 1000.0  # the index in the chunk, to find in the prefix
+        actions[:, 6] = -1.0
+        return {"actions": actions}
+
+WebsocketPolicyServer(PrefixLoggingPolicy(), host="127.0.0.1", port=int(sys.argv[1]), metadata={}).serve_forever()
+'''
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+def test_an_openpi_server_gets_the_actions_that_run_during_its_delay_with_send_prefix(openpi_python, libero_server,
+                                                                                       tmp_path):
+    port, calls_log, script = free_port(), tmp_path / "calls.jsonl", tmp_path / "serve_prefix_policy.py"
+    script.write_text(PREFIX_LOGGING_SERVER)
+    policy_server = subprocess.Popen([openpi_python, str(script), str(port), str(calls_log)], stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: socket_accepts(port), 60)
+        task = libero_suite(LIBERO_SUITE).get_task_names()[0]
+        result = run_eval_cli("--address", libero_server.address, "--tasks", task, "--episodes", "1", "--policy",
+                              f"openpi://127.0.0.1:{port}", "--replan-steps", "5", "--latency", "2", "--send-prefix",
+                              "--load-option", "max_episode_steps=12", "--load-option", "camera_width=64",
+                              "--load-option", "camera_height=64", "--results", str(tmp_path / "r.json"), timeout=600)
+    finally:
+        policy_server.kill()
+        policy_server.wait()
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
+    # the policy check, then the episode's calls at steps 0 (waited for), 5 and 10
+    assert [call["prefix"] for call in calls] == [None, None, [[2, 7], "float32", [0.005, 0.006]],
+                                                  [[2, 7], "float32", [0.005, 0.006]]]
+    assert "prefix_actions" in calls[2]["keys"] and "prefix_actions" not in calls[1]["keys"]
+    record = json.loads((tmp_path / "r.json").read_text())["episodes"][0]
+    assert record["latency_steps"] == 2 and record["steps"] == 12
+
+
 def socket_accepts(port: int) -> bool:
 
     with socket.socket() as probe:
