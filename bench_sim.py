@@ -524,6 +524,18 @@ def bench_maniskill() -> list:
     return rows
 
 
+def bench_liberoplus() -> list:
+    """A LIBERO-plus step (a camera-viewpoint task, LIBERO's two cameras at 256x256) through the
+    server against the same backend in its own Python, single steps and a chunk of 10."""
+    task = ("libero_plus/camera/pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
+            "_view_11_15_100_0_0_initstate_0")
+    rows = []
+    for label, chunk in (("single steps", 1), ("chunks of 10", 10)):
+        remote, local = remote_vs_in_process("liberoplus", task, 7, {}, chunk, blocks=4, steps=20)
+        rows.append(row(f"LIBERO-plus step, remote vs in-process ({label})", remote, local, goal="<= 1.05x"))
+    return rows
+
+
 def page_viewer(url: str, stop: threading.Event) -> None:
     """What an open dashboard page asks for: status and thumbnails, once a second."""
     import urllib.request
@@ -583,7 +595,7 @@ def bench_libero_dashboard() -> list:
 TRANSPORT = ("codec", "round_trip", "dashboard", "parallel_sessions", "batching")
 LIBERO = ("libero", "libero_dashboard", "libero_cameras", "render_threads", "libero_chunks", "libero_episodes_per_hour",
           "libero_replay")
-OWN_ENVIRONMENTS = ("metaworld", "kitchen", "maniskill")  # made by .ci/setup --simulator NAME when missing
+OWN_ENVIRONMENTS = ("metaworld", "kitchen", "maniskill", "liberoplus")  # made by .ci/setup --simulator NAME when missing
 
 
 def main() -> int:

@@ -206,7 +206,7 @@ def children_of(pid: int) -> List[int]:
 # --- pytest plugin (pytest.ini loads this module with -p) --------------------
 
 # Module-scoped servers of simulators in their own environments: their tests share one per run.
-SHARED_SERVERS = ("metaworld_server", "kitchen_server", "maniskill_server")
+SHARED_SERVERS = ("metaworld_server", "kitchen_server", "maniskill_server", "liberoplus_server")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -138,6 +138,12 @@ class SimulatorAlreadySelected(ServerError):
     error_type = "simulator_already_selected"
 
 
+class AssetsMissing(ServerError):
+    """The task needs assets the server lacks (LIBERO-plus's asset pack); the message says which."""
+
+    error_type = "assets_missing"
+
+
 class ServerTimeout(SimulatorClientError):
     """No reply in time: the server is gone, overloaded, or refused us (CURVE keys)."""
 
@@ -149,7 +155,7 @@ class ServerUnreachable(ServerTimeout):
 
 ERROR_CLASSES = {cls.error_type: cls for cls in (
     UnknownMethod, InvalidParams, TaskNotFound, NoTaskLoaded, NotReset, BackendError, InternalError, ServerBusy,
-    NoSimulatorSelected, UnknownSimulator, SimulatorAlreadySelected)}
+    NoSimulatorSelected, UnknownSimulator, SimulatorAlreadySelected, AssetsMissing)}
 
 # --- codec (the server's ndarray map) ---------------------------------------
 

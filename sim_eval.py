@@ -46,6 +46,7 @@ from evaluation.replay import (
     verification_json,
 )
 from evaluation.report import print_table, save_chart, summarize_run, write_report
+from evaluation.robustness import print_robustness_table, robustness_rows
 from evaluation.runner import (
     PREFLIGHT_TIMEOUT_S,
     Evaluation,
@@ -116,6 +117,13 @@ def parser(prog: str = "sim_eval.py") -> argparse.ArgumentParser:
     realtime.add_argument("--send-prefix", action="store_true",
                           help="openpi://: send the actions that run during the call's delay as prefix_actions "
                                "(a module policy that takes prefix= always gets them)")
+    robustness = parser.add_argument_group("robustness: perturbed episodes against their unperturbed twins "
+                                           "(LIBERO-plus; docs/evaluation.md)")
+    robustness.add_argument("--paired-baseline", action="store_true",
+                            help="also run each perturbed episode's base task from its base init state (same seed, "
+                                 "same policy) and report the paired drop per perturbation")
+    robustness.add_argument("--baseline-results", default=None, metavar="FILE",
+                            help="take the unperturbed twins from this earlier run instead of running them")
     parser.add_argument("--policy-timeout", type=float, default=DEFAULT_POLICY_TIMEOUT_S,
                         help="seconds an episode waits for the policy's action (or its reset) before it fails "
                              "as policy_timeout")
@@ -380,6 +388,7 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
         raise SetupError("--compare-with adds a section to the report: give --report too")
     if args.compare_with:
         load_run(args.compare_with)
+    baseline = baseline_run(args)
     check_outputs_can_be_made(args)
     policy = load_policy(args.policy, args.batch_size, args.batch_wait_ms, args.policy_timeout, args.replan_steps,
                          args.send_prefix)
@@ -394,9 +403,16 @@ def run(args: argparse.Namespace, address_source: Optional[Callable[[], List[str
         if check_only:
             print(f"the policy fits {tasks[0]}: one reset, one policy call and one step passed")
             return 0
-        return evaluate(args, policy, tasks, load_options, inputs, address_source)
+        return evaluate(args, policy, tasks, load_options, inputs, address_source, baseline)
     finally:
         policy.close()
+
+
+def baseline_run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """--baseline-results as compare.load_run reads it; None without it."""
+    if args.paired_baseline and args.baseline_results:
+        raise SetupError("give --paired-baseline (run the twins) or --baseline-results FILE (take them), not both")
+    return load_run(args.baseline_results) if args.baseline_results else None
 
 
 def chosen_latencies(args: argparse.Namespace, policy: Policy) -> List[Optional[Latency]]:
@@ -420,6 +436,10 @@ def checked_policy(address: str, task: str, policy: Policy, load_options: Dict[s
         info = sim.get_info()
         inputs = check_policy(sim, info.get("simulator") or info["backend_name"], task, policy, load_options,
                               args.clip_actions)
+        if (args.paired_baseline or args.baseline_results) and not sim.task_info.get("base_task"):
+            raise SetupError(f"{task} names no unperturbed base task, so it has no twin to pair with: "
+                             "--paired-baseline and --baseline-results take perturbed tasks (LIBERO-plus's "
+                             "libero_plus/<dimension> suites)")
     print(inputs.line(), flush=True)
     for warning in inputs.warnings:
         print(f"sim_eval: warning: {warning}", file=sys.stderr)
@@ -427,7 +447,8 @@ def checked_policy(address: str, task: str, policy: Policy, load_options: Dict[s
 
 
 def evaluate(args: argparse.Namespace, policy: Policy, tasks: List[str], load_options: Dict[str, Any],
-             inputs: PolicyInputs, address_source: Optional[Callable[[], List[str]]]) -> int:
+             inputs: PolicyInputs, address_source: Optional[Callable[[], List[str]]],
+             baseline: Optional[Dict[str, Any]] = None) -> int:
     """The run itself, once the policy check passed."""
     client_options = {"server_key": args.server_key, "client_key": args.client_key, "simulator": args.simulator}
     addresses = address_source() if address_source is not None else args.address or [DEFAULT_ADDRESS]
@@ -436,13 +457,15 @@ def evaluate(args: argparse.Namespace, policy: Policy, tasks: List[str], load_op
         addresses=addresses, tasks=tasks, episodes=args.episodes, parallel=args.parallel, results_path=args.results,
         load_options=load_options, timeout_s=args.timeout, videos=videos, keep_thumbnails=bool(args.report),
         force=args.force, client_options=client_options, record_actions=not args.no_actions,
-        policy_inputs=inputs.as_json(), policy_timeout_s=args.policy_timeout, latencies=args.latencies)
+        policy_inputs=inputs.as_json(), policy_timeout_s=args.policy_timeout, latencies=args.latencies,
+        paired_baseline=args.paired_baseline, baseline_records=baseline["episodes"] if baseline else None)
     started = time.monotonic()
     evaluation = Evaluation(settings, policy, address_source)
     results = evaluation.run()
     write_outputs(args, evaluation, tasks, time.monotonic() - started)
+    asked = [r for r in results if r.task in set(tasks)]  # twins (--paired-baseline) come on top
     lost = sum(r.failure == "server_lost" for r in results)
-    return 0 if len(results) == len(tasks) * args.episodes * len(args.latencies) and not lost else 1
+    return 0 if len(asked) == len(tasks) * args.episodes * len(args.latencies) and not lost else 1
 
 
 def write_outputs(args: argparse.Namespace, evaluation: Evaluation, tasks: List[str], elapsed_s: float) -> None:
@@ -452,6 +475,9 @@ def write_outputs(args: argparse.Namespace, evaluation: Evaluation, tasks: List[
     sweep = latency_rows(evaluation.results)
     if sweep:
         print_latency_table(sweep)
+    robustness = robustness_rows(evaluation.results, evaluation.settings.baseline_records)
+    if robustness:
+        print_robustness_table(robustness)
     if evaluation.retried:
         print(f"retried {len(evaluation.retried)} episode attempt(s); see 'retried' in the results file")
     if args.chart:

@@ -64,6 +64,7 @@ from server.settings import (
     check_port,
     dashboard_address,
     egl_device_setting,
+    folder_setting,
     interpreter_settings,
     render_threads_setting,
     simulator_names,
@@ -130,6 +131,7 @@ class Config:
     curve_clients: str = ""  # folder of allowed client .key files
     interpreters: Dict[str, str] = field(default_factory=dict)  # simulator -> the Python its processes run
     task_dir: str = ""  # the operator's folder of custom tasks (custom/NAME); "" for none
+    liberoplus_assets: str = ""  # LIBERO-plus's asset pack; "" for LIBERO's standard assets only
 
 
 # (flag, environment variable, default, type, help); --port is handled apart.
@@ -152,6 +154,8 @@ SETTINGS = [
      "names the dashboard answers to in the Host header besides loopback's, comma separated (e.g. sim.lab)"),
     ("--task-dir", "SIM_TASK_DIR", "", str,
      "folder of custom task specs and BDDL files, served as custom/NAME (LIBERO; docs/task_builder.md)"),
+    ("--liberoplus-assets", "SIM_LIBEROPLUS_ASSETS", "", str,
+     "folder of LIBERO-plus's unpacked asset pack, for its light, background and added-object tasks (docs/libero.md)"),
     ("--curve-secret-key", "SIM_CURVE_SECRET_KEY", "", str, "server's CURVE secret key file: turns on CURVE"),
     ("--curve-clients", "SIM_CURVE_CLIENTS", "", str, "folder of the client public keys CURVE lets in"),
 ]
@@ -209,7 +213,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
         dashboard_admin=args.dashboard_admin, curve_secret_key=args.curve_secret_key,
         dashboard_hosts=tuple(name.strip().lower() for name in args.dashboard_hosts.split(",") if name.strip()),
         dashboard_token=os.environ.get("SIM_DASHBOARD_TOKEN", ""),
-        curve_clients=args.curve_clients, task_dir=task_dir_setting(args.task_dir))
+        curve_clients=args.curve_clients, task_dir=task_dir_setting(args.task_dir),
+        liberoplus_assets=folder_setting("--liberoplus-assets", args.liberoplus_assets))
 
 
 # --- protocol codec ----------------------------------------------------------
@@ -825,9 +830,10 @@ class Dispatcher:
             return {"simulator": self._select_simulator(session, request.fields["simulator"])}
         if request.method == "list_tasks":
             catalog, suite = self.catalogs[session.simulator], request.fields["suite"]
-            if suite is not None:
-                return {"tasks": catalog.list_tasks(suite)}
-            return {"tasks": catalog.list_tasks(), "suites": catalog.suite_sizes()}
+            tasks = catalog.list_tasks(suite)
+            listing = {"tasks": tasks} if suite is not None else {"tasks": tasks, "suites": catalog.suite_sizes()}
+            needing_assets = catalog.needing_assets(tasks)
+            return {**listing, "needs_assets": needing_assets} if needing_assets else listing
         if request.method == "get_info":
             return self._session_info(session)
         return {"server_version": SERVER_VERSION, "busy": session.pending is not None}  # ping
@@ -1024,6 +1030,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SetupError(problem)
         if config.task_dir:  # the catalogs and simulator processes read it from there
             os.environ[TASK_DIR_VARIABLE] = config.task_dir
+        if config.liberoplus_assets:  # as the task folder
+            os.environ["SIM_LIBEROPLUS_ASSETS"] = config.liberoplus_assets
         server = SimulatorServer(config, open_catalogs(config.simulators, config.interpreters))
     except (SetupError, CatalogError) as error:
         print(f"sim_server: {error}", file=sys.stderr)

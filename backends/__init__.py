@@ -14,7 +14,7 @@ from typing import Dict, List, Type
 
 from backends.base import SimulatorBackend
 
-SIMULATORS = ("gymnasium", "kitchen", "libero", "maniskill", "metaworld", "mock", "robosuite")
+SIMULATORS = ("gymnasium", "kitchen", "libero", "liberoplus", "maniskill", "metaworld", "mock", "robosuite")
 _REGISTRY: Dict[str, Type[SimulatorBackend]] = {}
 
 

@@ -97,6 +97,13 @@ class ServerBusy(SimulatorError):
     error_type = "server_busy"
 
 
+class AssetsMissing(SimulatorError):
+    """The task reads files this installation lacks (LIBERO-plus's asset pack); the message names
+    them and the setting that supplies them."""
+
+    error_type = "assets_missing"
+
+
 class SimulatorBackend(abc.ABC):
     """One simulator for one session.
 
@@ -158,6 +165,11 @@ class SimulatorBackend(abc.ABC):
     def unavailable_suites(self) -> Dict[str, str]:
         """Suites this backend knows of but cannot load here: suite -> why, said to the client."""
         return {}
+
+    def tasks_needing_assets(self) -> List[str]:
+        """Listed tasks that cannot load here for want of assets (load_task answers AssetsMissing);
+        list_tasks names them as `needs_assets`. Called once when the server starts."""
+        return []
 
     def task_registry(self) -> Optional[Dict[str, Any]]:
         """The tables custom task specs are checked against (backends/task_specs.py Registry), for a

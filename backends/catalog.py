@@ -38,7 +38,8 @@ def catalog_snapshot(simulator: str) -> Dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints a line per suite it opens
             return {"tasks": backend.list_tasks(), "suites": backend.suites(),
                     "unavailable_suites": backend.unavailable_suites(), "info": backend.get_info(),
-                    "worker_env": worker_env, "task_registry": backend.task_registry()}
+                    "worker_env": worker_env, "task_registry": backend.task_registry(),
+                    "needs_assets": backend.tasks_needing_assets()}
     finally:
         backend.close()
 

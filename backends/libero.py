@@ -164,10 +164,12 @@ class TaskSource:
     key: str  # what the built environment is for: same key, same environment
     init_states: Callable[[], np.ndarray]
     horizon: Optional[int] = None  # a custom task's own; shipped tasks take the convention's
+    horizon_suite: Optional[str] = None  # the LIBERO suite whose horizon applies, when not `suite`
 
 
 class LiberoBackend(SimulatorBackend):
     name = "libero"
+    stack_packages = STACK_PACKAGES  # the packages task_info and get_info name as the simulator stack
 
     def __init__(self) -> None:
         self.default_suite = os.environ.get("SIM_LIBERO_TASK_SUITE", "libero_90")
@@ -300,7 +302,7 @@ class LiberoBackend(SimulatorBackend):
             raise InvalidParams(f"unknown convention {name!r}; conventions: {', '.join(CONVENTIONS)}")
         convention = CONVENTIONS[name]
         horizon = self.max_steps_override or source.horizon or convention["horizons"].get(
-            source.suite, convention.get("default_horizon", DEFAULT_HORIZON))
+            source.horizon_suite or source.suite, convention.get("default_horizon", DEFAULT_HORIZON))
         settle = convention["settle_steps"] if self.settle_steps_override is None else self.settle_steps_override
         settings = {
             "convention": name,
@@ -322,12 +324,16 @@ class LiberoBackend(SimulatorBackend):
         settings["cameras"] = _cameras(options.get("cameras"), keys)
         return settings
 
-    def _build_env(self, source: TaskSource, settings: Dict[str, Any]) -> None:
+    @staticmethod
+    def _env_class():
         from libero.libero.envs import OffScreenRenderEnv
 
+        return OffScreenRenderEnv
+
+    def _build_env(self, source: TaskSource, settings: Dict[str, Any]) -> None:
         self.close()
         # ignore_done: truncation is ours (max_episode_steps), robosuite's own horizon must not end episodes.
-        self.env = OffScreenRenderEnv(bddl_file_name=source.bddl_path, camera_names=list(settings["cameras"]),
+        self.env = self._env_class()(bddl_file_name=source.bddl_path, camera_names=list(settings["cameras"]),
                                       camera_heights=settings["camera_height"], camera_widths=settings["camera_width"],
                                       ignore_done=True)
         self.init_states = source.init_states()
@@ -362,7 +368,7 @@ class LiberoBackend(SimulatorBackend):
             "cameras": list(task["cameras"]), "image_size": [task["camera_height"], task["camera_width"]],
             "control_freq": CONTROL_FREQ, "control_hz": CONTROL_FREQ, "has_success": True,
             "conventions": list(CONVENTIONS),
-            "simulator_stack": stack_versions(*STACK_PACKAGES), "renderer": self.env_renderer,
+            "simulator_stack": stack_versions(*self.stack_packages), "renderer": self.env_renderer,
             "action_spec": {"action": action_spec}, "action_space": action_spec,
             "observation_spec": observation_spec_of(observation),
         }
@@ -472,8 +478,8 @@ class LiberoBackend(SimulatorBackend):
     # Lifetime ---------------------------------------------------------------
 
     def get_info(self) -> Dict[str, Any]:
-        return {"backend_name": self.name, "backend_version": package_versions(*reversed(STACK_PACKAGES)),
-                "simulator_stack": stack_versions(*STACK_PACKAGES), "renderer": self.renderer}
+        return {"backend_name": self.name, "backend_version": package_versions(*reversed(self.stack_packages)),
+                "simulator_stack": stack_versions(*self.stack_packages), "renderer": self.renderer}
 
     def close(self) -> None:
         env, self.env, self.env_key = self.env, None, None

@@ -47,6 +47,8 @@ class EpisodeRecord:
     digests: Optional[Dict[str, str]] = None  # SHA-256 of the actions, the final state and the final frames
     forked_from: Optional[Dict[str, Any]] = None  # a fork's parent episode and the step it took over at
     latency_steps: Optional[Any] = None  # a real-time episode's latency: D, "measured" or its model (realtime.py)
+    base_task: Optional[str] = None  # a perturbed task's unperturbed twin, as its task_info names it (robustness.py)
+    base_init_state: Optional[int] = None  # the twin's init state
 
     @classmethod
     def failed(cls, task: str, init_state_index: int, failure: str, error: str, **fields: Any) -> EpisodeRecord:
@@ -83,7 +85,8 @@ RECORD_FIELDS: Dict[str, Tuple[type, ...]] = {
     "steps": (int,), "failure": (str, type(None)), "error": (str, type(None)), "sum_reward": (int, float),
     "max_reward": (int, float), "seconds": (int, float), "address": (str, type(None)), "attempts": (int,),
     "video": (str, type(None)), "actions_file": (str, type(None)), "digests": (dict, type(None)),
-    "forked_from": (dict, type(None)), "latency_steps": (int, str, type(None)),
+    "forked_from": (dict, type(None)), "latency_steps": (int, str, type(None)), "base_task": (str, type(None)),
+    "base_init_state": (int, type(None)),
 }
 REQUIRED_FIELDS = ("task", "init_state_index", "seed", "success", "steps", "failure")
 

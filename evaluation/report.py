@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 
 from evaluation.records import EpisodeRecord, task_group
+from evaluation.robustness import robustness_rows, robustness_section
 from evaluation.stats import finite_or_none, mean_interval, wilson_interval
 from evaluation.sweep import latency_rows, latency_section
 
@@ -279,6 +280,7 @@ def write_report(path: str, evaluation, comparison=None) -> None:
 <h2>Score by task</h2>
 {_bars(summarize_run(results))}
 {latency_section(latency_rows(results))}
+{robustness_section(robustness_rows(results, evaluation.settings.baseline_records))}
 {_comparison(comparison)}
 <h2>Episodes ({len(results)})</h2>
 <table class="episodes"><tr><th>task</th><th>init state</th><th>seed</th><th>outcome</th><th>steps</th>

@@ -25,6 +25,7 @@ from evaluation.pool import SessionPool
 from evaluation.realtime import ChunkSchedule, Latency, episode_generator
 from evaluation.records import EpisodeRecord, ResultsFile, utc_now
 from evaluation.report import summary_json
+from evaluation.robustness import robustness_rows, twin_jobs
 from evaluation.videos import VideoWriter, png_base64
 from sim_client import (
     CLIENT_VERSION,
@@ -75,6 +76,8 @@ class EvaluationSettings:
     policy_inputs: Optional[Dict[str, Any]] = None  # what the policy check found the policy gets (preflight.py)
     policy_timeout_s: float = DEFAULT_POLICY_TIMEOUT_S  # what bounds one policy call (--policy-timeout)
     latencies: List[Optional[Latency]] = field(default_factory=lambda: [None])  # each episode runs at each
+    paired_baseline: bool = False  # also run each perturbed episode's unperturbed twin (robustness.py)
+    baseline_records: Optional[List[EpisodeRecord]] = None  # or take the twins from another run's records
 
 
 def reset_episode(sim: SimulatorClient, task_info: Dict[str, Any], index: int
@@ -152,7 +155,16 @@ class Episode:
                              max_reward=float(max(rewards)) if rewards else 0.0,
                              seconds=round(time.monotonic() - self.started, 3),
                              digests=self.trace.digests(self.observation),
-                             latency_steps=self.latency.label if self.latency is not None else None)
+                             latency_steps=self.latency.label if self.latency is not None else None,
+                             **base_of(self.task_info, self.info.get("init_state_index", self.index)))
+
+
+def base_of(task_info: Dict[str, Any], init_state_index: int) -> Dict[str, Any]:
+    """The unperturbed twin a perturbed task names (LIBERO-plus): base_task and base_init_state."""
+    if not task_info.get("base_task"):
+        return {}
+    states = task_info.get("base_init_states") or [init_state_index]
+    return {"base_task": task_info["base_task"], "base_init_state": int(states[init_state_index % len(states)])}
 
 
 def run_episode(sim: SimulatorClient, task: str, task_info: Dict[str, Any], policy: Policy, index: int,
@@ -238,15 +250,31 @@ class Evaluation:
                                                                                        record.digests)
 
     def run(self) -> List[EpisodeRecord]:
-        """Run every job on the parallel session threads; the finished episode records."""
-        stuck = SessionPool(self.settings.parallel, self._work, "episodes").run(self.worst_case_s())
-        if stuck:
-            self.progress.note(f"{len(stuck)} session thread(s) outlived every bound; their episodes are left out")
-        self.progress.close()
+        """Run every job on the parallel session threads, then (--paired-baseline) the twins of the
+        perturbed episodes; the finished episode records."""
+        self._run_jobs()
+        if self.settings.paired_baseline:
+            done = {(r.task, r.init_state_index, r.latency_steps) for r in self.results}
+            twins = [Job(task, index, self._latency_of(label)) for task, index, label in twin_jobs(self.results)]
+            self.jobs = [job for job in twins if job.key not in done]
+            if self.jobs:
+                self.progress = Progress(len(self.jobs))
+                self.progress.note(f"running {len(self.jobs)} unperturbed twin episode(s) for the robustness report")
+                self._run_jobs()
         with self.lock:
             self.finished_at = utc_now()
             self._save()
         return self.results
+
+    def _latency_of(self, label: Any) -> Optional[Latency]:
+        return next((latency for latency in self.settings.latencies
+                     if (latency.label if latency is not None else None) == label), None)
+
+    def _run_jobs(self) -> None:
+        stuck = SessionPool(self.settings.parallel, self._work, "episodes").run(self.worst_case_s())
+        if stuck:
+            self.progress.note(f"{len(stuck)} session thread(s) outlived every bound; their episodes are left out")
+        self.progress.close()
 
     def worst_case_s(self) -> float:
         """How long the run can take when every call runs to its bound: a bound on a broken one."""
@@ -388,7 +416,12 @@ class Evaluation:
             "run": self.run_info(), "invocations": self.invocations(), "policy_inputs": self.settings.policy_inputs,
             "addresses": self.addresses, "servers": self.servers,
             "tasks": self.settings.tasks, "task_settings": self.task_settings, "summary": summary_json(self.results),
-            "retried": self.retried, "episodes": [record.as_json() for record in self.results]})
+            **self._robustness(), "retried": self.retried, "episodes": [record.as_json() for record in self.results]})
+
+
+    def _robustness(self) -> Dict[str, Any]:
+        rows = robustness_rows(self.results, self.settings.baseline_records)
+        return {"robustness": [row.as_json() for row in rows]} if rows else {}
 
 
 class SessionSlot:

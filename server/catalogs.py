@@ -50,6 +50,7 @@ class Catalog:
         self.info: Dict[str, Any] = snapshot.get("info", {"backend_name": simulator, "backend_version": "unknown"})
         self.worker_env: Dict[str, str] = snapshot.get("worker_env", {})
         self.known = set(self.tasks).union(*self.suites.values())
+        self.needs_assets = set(snapshot.get("needs_assets", []))
         registry, folder = snapshot.get("task_registry"), os.environ.get(TASK_DIR_VARIABLE)
         # custom/NAME tasks, read afresh from the operator's folder on every call
         self.task_folder = TaskFolder(folder, Registry.from_json(registry)) if registry and folder else None
@@ -64,6 +65,10 @@ class Catalog:
         if suite in self.suites:
             return self.suites[suite]
         raise TaskNotFound(self._no_suite(suite))
+
+    def needing_assets(self, tasks: List[str]) -> List[str]:
+        """Those of `tasks` that cannot load here for want of assets."""
+        return [task for task in tasks if task in self.needs_assets] if self.needs_assets else []
 
     def suite_sizes(self) -> Dict[str, int]:
         """Each suite that loads here -> its task count (the custom folder's as it is now)."""

@@ -80,6 +80,13 @@ def task_dir_setting(text: str) -> str:
     return os.path.abspath(text)
 
 
+def folder_setting(flag: str, text: str) -> str:
+    """A folder flag's value as an absolute path, or "" for none; SetupError when it is not a folder."""
+    if text and not os.path.isdir(text):
+        raise SetupError(f"{flag} {text!r} is not a folder")
+    return os.path.abspath(text) if text else ""
+
+
 def dashboard_address(text: str) -> Optional[Tuple[str, int]]:
     """"8080" -> ("127.0.0.1", 8080); "0.0.0.0:8080" as written; "" -> None (off)."""
     if not text:
