@@ -595,7 +595,8 @@ def bench_libero_dashboard() -> list:
 TRANSPORT = ("codec", "round_trip", "dashboard", "parallel_sessions", "batching")
 LIBERO = ("libero", "libero_dashboard", "libero_cameras", "render_threads", "libero_chunks", "libero_episodes_per_hour",
           "libero_replay")
-OWN_ENVIRONMENTS = ("metaworld", "kitchen", "maniskill", "liberoplus")  # made by .ci/setup --simulator NAME when missing
+# made by .ci/setup --simulator NAME when missing
+OWN_ENVIRONMENTS = ("metaworld", "kitchen", "maniskill", "liberoplus")
 
 
 def main() -> int:

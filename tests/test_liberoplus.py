@@ -238,29 +238,32 @@ def test_robustness_pairs_each_perturbed_episode_with_its_twin_per_dimension():
 
 @pytest.mark.slow
 def test_sim_eval_paired_baseline_runs_each_twin_once_and_reports_the_drop(liberoplus_server, tmp_path):
-    robot_task = f"libero_plus/robot/{BASE}_view_0_0_100_0_0_initstate_1"
-    other_camera = f"libero_plus/camera/{BASE}_view_0_0_100_2_352_initstate_0"
+    """The scripted example on two camera tasks and a robot task of one base task, state only: its
+    twin succeeds, and a policy that reads no camera keeps its score under a camera perturbation."""
+    soup = "pick_up_the_alphabet_soup_and_place_it_in_the_basket"
+    tasks = [f"libero_plus/camera/{soup}_view_0_0_100_2_4_initstate_0",
+             f"libero_plus/camera/{soup}_view_0_0_100_2_6_initstate_0",
+             f"libero_plus/robot/{soup}_view_0_0_100_0_0_initstate_11"]
     results, report = tmp_path / "robust.json", tmp_path / "robust.html"
-    options = ["--load-option", "max_episode_steps=4", "--load-option", "camera_width=32", "--load-option",
-               "camera_height=32"]
-    run = run_eval_cli("--address", liberoplus_server.address, "--policy", "zero", "--tasks", CAMERA_TASK,
-                       other_camera, robot_task, "--episodes", "1", "--paired-baseline", "--results", str(results),
-                       "--report", str(report), *options)
+    common = ["--address", liberoplus_server.address, "--policy", "examples.libero_object_scripted:act",
+              "--episodes", "1", "--load-option", "cameras=[]"]
+    run = run_eval_cli(*common, "--tasks", *tasks, "--paired-baseline", "--results", str(results),
+                       "--report", str(report))
     assert run.returncode == 0, run.stdout + run.stderr
     content = json.loads(results.read_text())
     twins = [r for r in content["episodes"] if r["task"].startswith("libero_plus/original/")]
-    assert [(r["task"], r["init_state_index"], r["seed"]) for r in twins] == [(f"libero_plus/original/{BASE}", 0, 7)]
+    assert [(r["task"], r["init_state_index"], r["seed"], r["success"]) for r in twins] == [
+        (f"libero_plus/original/{soup}", 0, 7, True)]
     groups = {row["group"]: row for row in content["robustness"]}
-    assert groups["libero_plus/camera"]["pairs"] == 2 and groups["libero_plus/robot"]["pairs"] == 1
-    assert groups["overall"]["pairs"] == 3 and groups["overall"]["drop"] == 0.0  # a zero policy fails both
+    assert groups["libero_plus/camera"]["pairs"] == 2 and groups["libero_plus/camera"]["drop"] == 0.0
+    assert groups["libero_plus/robot"]["pairs"] == 1 and groups["overall"]["pairs"] == 3
     assert "robustness:" in run.stdout and "Robustness" in report.read_text()
     # the twins of an earlier run, taken instead of run again
-    again = run_eval_cli("--address", liberoplus_server.address, "--policy", "zero", "--tasks", robot_task,
-                         "--episodes", "1", "--baseline-results", str(results), "--results",
-                         str(tmp_path / "again.json"), *options)
+    again = run_eval_cli(*common, "--tasks", tasks[2], "--baseline-results", str(results), "--results",
+                         str(tmp_path / "again.json"))
     assert again.returncode == 0, again.stdout + again.stderr
     content = json.loads((tmp_path / "again.json").read_text())
-    assert [r["task"] for r in content["episodes"]] == [robot_task]
+    assert [r["task"] for r in content["episodes"]] == [tasks[2]]
     assert content["robustness"][0]["pairs"] == 1
 
 
