@@ -26,6 +26,7 @@ applies its noise to the image a step returns.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import logging
 import os
@@ -342,8 +343,6 @@ class LiberoPlusBackend(LiberoBackend):
     def find(self, task_name: str) -> PlusTask:
         task = catalog().get(task_name)
         if task is None:
-            import difflib
-
             dimension = task_name[len(PREFIX):].partition("/")[0] if task_name.startswith(PREFIX) else ""
             if dimension not in (*DIMENSIONS, ORIGINAL):
                 raise TaskNotFound(f"no LIBERO-plus task {task_name!r}: tasks are {PREFIX}<dimension>/<task>, "
@@ -386,7 +385,8 @@ class LiberoPlusBackend(LiberoBackend):
     def _task_info(self, observation: Observation) -> Dict[str, Any]:
         task = self.plus_task
         info = {**super()._task_info(observation), "libero_suite": task.libero_suite, "dimension": task.dimension,
-                "perturbation": task.perturbation, "needs_assets": task.needs_pack}
+                "perturbation": task.perturbation, "needs_assets": task.needs_pack,
+                "libero_task": f"{task.libero_suite}/{task.base}"}  # the LIBERO task, as --simulator libero names it
         if task.dimension == ORIGINAL:
             return info
         count = len(self.init_states)

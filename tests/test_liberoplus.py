@@ -149,6 +149,7 @@ def test_a_task_of_every_dimension_that_runs_here_is_bit_identical_to_liberoplus
             assert info["language"] == languages[name]
             assert info["base_task"].startswith("libero_plus/original/")
             assert name.startswith(info["base_task"].rpartition("/")[2] + "_")
+            assert info["libero_task"] == f"{info['libero_suite']}/{info['base_task'].rpartition('/')[2]}"
     noise = infos[RUNNABLE.index("noise")]
     assert noise["perturbation"].startswith("_view_0_0_100_0_0_initstate_0_noise_")
 
