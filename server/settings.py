@@ -71,20 +71,16 @@ def egl_device_setting(text: str) -> Tuple[str, ...]:
     return tuple(str(index) for index in range(len(glob.glob("/proc/driver/nvidia/gpus/*"))))
 
 
-def task_dir_setting(text: str) -> str:
-    """--task-dir as an absolute path, or "" for none; SetupError when it is not a folder."""
-    if not text:
-        return ""
-    if not os.path.isdir(text):
-        raise SetupError(f"--task-dir {text!r} is not a folder (create it, then add task specs to it)")
-    return os.path.abspath(text)
-
-
-def folder_setting(flag: str, text: str) -> str:
+def folder_setting(flag: str, text: str, hint: str = "") -> str:
     """A folder flag's value as an absolute path, or "" for none; SetupError when it is not a folder."""
     if text and not os.path.isdir(text):
-        raise SetupError(f"{flag} {text!r} is not a folder")
+        raise SetupError(f"{flag} {text!r} is not a folder{hint}")
     return os.path.abspath(text) if text else ""
+
+
+def task_dir_setting(text: str) -> str:
+    """--task-dir as an absolute path, or "" for none; SetupError when it is not a folder."""
+    return folder_setting("--task-dir", text, " (create it, then add task specs to it)")
 
 
 def dashboard_address(text: str) -> Optional[Tuple[str, int]]:
