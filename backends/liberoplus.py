@@ -63,9 +63,7 @@ SUFFIX = re.compile(
     r"|_view_-?\d+_-?\d+_\d+_-?\d+_-?\d+_initstate_\d+(?:_noise_\d+)?"
     r"|_light_\d+|_table_\d+|_tb_\d+|_add_\d+|(?:_moved)?_level\d+_sample\d+)$")
 DIMENSIONS = ("camera", "robot", "language", "light", "background", "noise", "layout")
-# Perturbations that read files only LIBERO-plus's asset pack has: the directory each needs.
-PACK_DIRECTORIES = {"light": "scenes/lights", "background": "scenes", "added_objects": "new_objects"}
-# A file of the pack in each of those directories: present only when the pack is.
+# Folders only LIBERO-plus's asset pack has: a folder of assets holding both holds the pack.
 PACK_MARKERS = ("new_objects", "scenes/lights")
 
 
@@ -84,8 +82,22 @@ class PlusTask:
         return f"{PREFIX}{self.dimension}/{self.name}"
 
     @property
+    def pack_folder(self) -> Optional[str]:
+        """The asset folder only LIBERO-plus's pack fills that this task reads; None for none."""
+        if self.dimension == "light":
+            return "scenes/lights"
+        if self.dimension == "background":
+            return "scenes"  # its tabletop_table_* textures
+        return "new_objects" if self.perturbation.startswith("_add_") else None
+
+    @property
     def needs_pack(self) -> bool:
-        return self.dimension in ("light", "background") or self.perturbation.startswith("_add_")
+        return self.pack_folder is not None
+
+    @property
+    def base_task(self) -> PlusTask:
+        """The unperturbed task this one perturbs, as libero_plus/original serves it."""
+        return PlusTask(self.libero_suite, self.base, self.base, ORIGINAL, "")
 
     @property
     def own_init_state(self) -> bool:
@@ -161,8 +173,7 @@ def catalog() -> Dict[str, PlusTask]:
                 raise BackendError(f"LIBERO-plus task {name!r} has a suffix this backend does not know")
             tasks[task.served_name] = task
     for task in list(tasks.values()):
-        base = PlusTask(task.libero_suite, task.base, task.base, ORIGINAL, "")
-        tasks.setdefault(base.served_name, base)
+        tasks.setdefault(task.base_task.served_name, task.base_task)
     return tasks
 
 
@@ -355,17 +366,13 @@ class LiberoPlusBackend(LiberoBackend):
     def task_source(self, task_name: str) -> TaskSource:
         task = self.find(task_name)
         if task.needs_pack and not self.pack_here:
-            raise AssetsMissing(f"{task_name} reads files only {ASSET_PACK} has ({self._pack_folder(task)}/); "
+            raise AssetsMissing(f"{task_name} reads files only {ASSET_PACK} has ({task.pack_folder}/); "
                                 f"unzip it and start the server with --liberoplus-assets DIR "
                                 f"(env {ASSETS_VARIABLE}), DIR holding its assets/ contents")
         self.plus_task = task
         return TaskSource(suite=f"{PREFIX}{task.dimension}", name=task.name, language=language_of(task),
                           bddl_path=bddl_path(task), key=task_name, init_states=lambda: init_states_of(task),
                           horizon_suite=task.libero_suite)
-
-    @staticmethod
-    def _pack_folder(task: PlusTask) -> str:
-        return PACK_DIRECTORIES["added_objects" if task.dimension == "layout" else task.dimension]
 
     @staticmethod
     def _env_class():
@@ -390,10 +397,9 @@ class LiberoPlusBackend(LiberoBackend):
         if task.dimension == ORIGINAL:
             return info
         count = len(self.init_states)
-        base = PlusTask(task.libero_suite, task.base, task.base, ORIGINAL, "")
         # init state i of this task perturbs init state base_init_states[i] of base_task: the same one,
         # but for a layout task, whose one init state is its own and whose twin starts from the base's first
-        return {**info, "base_task": base.served_name,
+        return {**info, "base_task": task.base_task.served_name,
                 "base_init_states": [0] * count if task.own_init_state else list(range(count))}
 
     # Episodes ---------------------------------------------------------------
