@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from evaluation.compare import PairedComparison
 from evaluation.records import EpisodeRecord
+from evaluation.sweep import paired_with
 
 TwinKey = Tuple[str, int, Optional[int], Any]  # task, init state, seed, latency
 
@@ -74,17 +75,14 @@ def robustness_rows(records: List[EpisodeRecord], baseline: Optional[List[Episod
 
 
 def paired_row(name: str, records: List[EpisodeRecord], twins: Dict[TwinKey, bool]) -> RobustnessRow:
-    count = {(a, b): 0 for a in (True, False) for b in (True, False)}
-    pairs = 0
-    for record in records:
-        twin = twins.get(twin_key(record))
-        if twin is None:
-            continue
-        count[(twin, bool(record.success))] += 1
-        pairs += 1
-    paired = PairedComparison(name, pairs, count[(True, True)], count[(True, False)], count[(False, True)],
-                              count[(False, False)])
-    return RobustnessRow(name, paired, len(records) - pairs)
+    """The group's perturbed episodes that have a twin, as a paired 2x2 table (A: twin, B: perturbed)."""
+    def episode(record: EpisodeRecord) -> Tuple[str, int, str]:
+        return record.task, record.init_state_index, str(record.latency_steps)  # sortable across latencies
+
+    paired = [r for r in records if twin_key(r) in twins]
+    baseline = {episode(r): twins[twin_key(r)] for r in paired}
+    perturbed = {episode(r): bool(r.success) for r in paired}
+    return RobustnessRow(name, paired_with(baseline, perturbed, name), len(records) - len(paired))
 
 
 HEADER = ("group", "pairs", "perturbed", "baseline", "drop [95%]", "McNemar p", "unpaired")

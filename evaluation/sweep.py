@@ -63,9 +63,10 @@ def latency_rows(records: List[EpisodeRecord]) -> List[LatencyRow]:
     return rows
 
 
-def paired_with(baseline: Dict[Tuple[str, int], bool], other: Dict[Tuple[str, int], bool],
+def paired_with(baseline: Dict[Tuple[Any, ...], bool], other: Dict[Tuple[Any, ...], bool],
                 name: str) -> PairedComparison:
-    """The episodes both latencies ran, as a paired 2x2 table (A: the baseline, B: the other)."""
+    """The episodes both arms ran (keys: sortable episode tuples), as a paired 2x2 table (A: the
+    baseline, B: the other): a latency against latency 0, a perturbed episode against its twin."""
     keys = sorted(set(baseline) & set(other))
     count = {(a, b): 0 for a in (True, False) for b in (True, False)}
     for key in keys:
