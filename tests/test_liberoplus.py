@@ -207,10 +207,11 @@ def test_liberoplus_assets_that_is_not_a_folder_is_one_line_and_exit_2(tmp_path)
 
 # --- the robustness report ------------------------------------------------------
 
-def record(task, success, index=0, base_index=None):
+def record(task, success, index=0, base_index=None, latency=None):
     """An episode of `task`; with `base_index`, a perturbed one whose twin is base init state base_index."""
     twin = {} if base_index is None else {"base_task": "libero_plus/original/b", "base_init_state": base_index}
-    return EpisodeRecord(task=task, init_state_index=index, seed=7, success=success, steps=5, failure=None, **twin)
+    return EpisodeRecord(task=task, init_state_index=index, seed=7, success=success, steps=5, failure=None,
+                         latency_steps=latency, **twin)
 
 
 def test_robustness_pairs_each_perturbed_episode_with_its_twin_per_dimension():
@@ -235,6 +236,40 @@ def test_robustness_pairs_each_perturbed_episode_with_its_twin_per_dimension():
     # twins from another run's records instead
     assert robustness_rows(perturbed, baseline=[twin_ok])[0].paired.pairs == 2
     assert robustness_rows([twin_ok]) == []
+
+
+def test_robustness_in_a_latency_sweep_pairs_each_latency_with_its_own_twins():
+    runs = [record("libero_plus/camera/b_v1", success, base_index=0, latency=latency)
+            for latency, success in ((None, True), (2, False))]
+    twins = [record("libero_plus/original/b", True, latency=latency) for latency in (None, 2)]
+    rows = {row.group: row for row in robustness_rows(runs + twins)}
+    assert set(rows) == {"libero_plus/camera", "libero_plus/camera @ latency 2", "overall"}
+    assert rows["libero_plus/camera @ latency 2"].paired == PairedComparison("libero_plus/camera @ latency 2", 1,
+                                                                             0, 1, 0, 0)
+    assert rows["overall"].paired.pairs == 2 and rows["overall"].paired.only_a == 1
+
+
+def test_baseline_flags_that_cannot_be_used_are_one_line_and_exit_2(tmp_path):
+    both = run_eval_cli("--policy", "zero", "--tasks", CAMERA_TASK, "--paired-baseline", "--baseline-results",
+                        str(tmp_path / "a.json"))
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "not both" in both.stderr
+    absent = run_eval_cli("--policy", "zero", "--tasks", CAMERA_TASK, "--baseline-results", str(tmp_path / "a.json"))
+    assert absent.returncode == 2 and absent.stderr.count("\n") == 1 and "cannot read" in absent.stderr
+
+
+def test_without_its_package_assets_liberoplus_reads_libero_standard_ones(monkeypatch, tmp_path):
+    """A pip install has no link in LIBERO-plus's package: LIBERO's standard assets are used, and
+    --liberoplus-assets wins over both."""
+    import backends.liberoplus as liberoplus
+
+    monkeypatch.delenv(liberoplus.ASSETS_VARIABLE, raising=False)
+    monkeypatch.setattr(liberoplus, "package_root", lambda: str(tmp_path / "liberoplus"))
+    monkeypatch.setattr(liberoplus, "standard_assets", lambda: "/standard/assets")
+    assert liberoplus.assets_folder() == "/standard/assets"
+    (tmp_path / "liberoplus" / "assets").mkdir(parents=True)
+    assert liberoplus.assets_folder() == str(tmp_path / "liberoplus" / "assets")
+    monkeypatch.setenv(liberoplus.ASSETS_VARIABLE, "/the/pack")
+    assert liberoplus.assets_folder() == "/the/pack"
 
 
 @pytest.mark.slow
