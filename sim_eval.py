@@ -436,8 +436,9 @@ def checked_policy(address: str, task: str, policy: Policy, load_options: Dict[s
         info = sim.get_info()
         inputs = check_policy(sim, info.get("simulator") or info["backend_name"], task, policy, load_options,
                               args.clip_actions)
-        if (args.paired_baseline or args.baseline_results) and not sim.task_info.get("base_task"):
-            raise SetupError(f"{task} names no unperturbed base task, so it has no twin to pair with: "
+        declared = sim.task_info.get("base_task") and sim.task_info.get("base_init_states")
+        if (args.paired_baseline or args.baseline_results) and not declared:
+            raise SetupError(f"{task} names no unperturbed base task and init states, so it has no twin to pair with: "
                              "--paired-baseline and --baseline-results take perturbed tasks (LIBERO-plus's "
                              "libero_plus/<dimension> suites)")
     print(inputs.line(), flush=True)

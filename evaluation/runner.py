@@ -160,10 +160,11 @@ class Episode:
 
 
 def base_of(task_info: Dict[str, Any], init_state_index: int) -> Dict[str, Any]:
-    """The unperturbed twin a perturbed task names (LIBERO-plus): base_task and base_init_state."""
-    if not task_info.get("base_task"):
+    """The unperturbed twin a perturbed task names (LIBERO-plus): base_task and base_init_state;
+    nothing unless the task declares both its base task and its base init states."""
+    if not (task_info.get("base_task") and task_info.get("base_init_states")):
         return {}
-    states = task_info.get("base_init_states") or [init_state_index]
+    states = task_info["base_init_states"]
     return {"base_task": task_info["base_task"], "base_init_state": int(states[init_state_index % len(states)])}
 
 
